@@ -1,0 +1,87 @@
+"""The common steps of every service's app factory: logging, trace context, errors, metrics, health, OpenAPI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flask import Response, g, request
+from flask_openapi3 import Info, OpenAPI
+from pydantic import ValidationError
+
+from . import errors, health, logs, metrics, tracing
+from .errors import ErrorShape
+from .settings import ServiceSettings
+
+access_log = logging.getLogger("parley.access")
+
+BEARER_SCHEME = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+
+
+def create_service_app(
+    settings: ServiceSettings,
+    import_name: str,
+    *,
+    title: str,
+    shape_for_path: Callable[[str], ErrorShape] = lambda _path: ErrorShape.PROBLEM,
+) -> tuple[OpenAPI, health.Health]:
+    """A Flask (flask-openapi3) app with the kit's steps registered; the service adds its routes and checks."""
+    logs.configure(
+        settings.service_name,
+        settings.version,
+        settings.environment,
+        settings.log_level,
+        settings.logstash_host,
+        settings.logstash_port,
+    )
+
+    def on_validation_error(exc: ValidationError) -> Response:
+        return errors.error_response(shape_for_path(request.path), errors.validation_error(exc))
+
+    app = OpenAPI(
+        import_name,
+        info=Info(title=title, version=settings.version),
+        security_schemes=BEARER_SCHEME,
+        validation_error_status=400,
+        validation_error_callback=on_validation_error,
+    )
+    app.config["PARLEY_SETTINGS"] = settings
+    register_request_context(app)
+    errors.register_error_handlers(app, shape_for_path)
+    metrics.init_app(app)
+    return app, health.init_app(app)
+
+
+def register_request_context(app: OpenAPI) -> None:
+    """Start a trace per request (continuing the caller's), echo the request id, and write one access line."""
+
+    @app.before_request
+    def _begin() -> None:
+        g.parley_begun = time.perf_counter_ns()
+        tracing.start(request.headers.get("traceparent"), request.headers.get("x-request-id"))
+
+    @app.after_request
+    def _end(response: Response) -> Response:
+        context = tracing.current()
+        if context is not None:
+            response.headers["x-request-id"] = context.request_id
+        if request.path not in ("/metrics", "/livez", "/readyz"):
+            access_log.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "http.request.method": request.method,
+                    "url.path": request.path,
+                    "http.response.status_code": response.status_code,
+                    "event.duration": time.perf_counter_ns() - g.get("parley_begun", time.perf_counter_ns()),
+                    "event.outcome": "success" if response.status_code < 400 else "failure",
+                },
+            )
+        return response
+
+    @app.teardown_request
+    def _forget(_exc: BaseException | None) -> None:
+        tracing.clear()

@@ -1,0 +1,213 @@
+"""One error vocabulary for every service, rendered as problem+json or in the OpenAI / Anthropic shapes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from flask import Flask, Response, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ParleyError(Exception):
+    """Base of every error a Parley service answers with; `status` and `code` say what the client sees."""
+
+    status = 500
+    code = "internal_error"
+    title = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.code = code or self.code
+        self.param = param
+        self.headers = headers or {}
+        self.errors = errors
+
+
+class BadRequest(ParleyError):
+    """The request is malformed or fails validation."""
+
+    status, code, title = 400, "invalid_request", "Bad Request"
+
+
+class Unauthorized(ParleyError):
+    """No valid credentials were presented."""
+
+    status, code, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(ParleyError):
+    """The caller is known but not allowed to do this."""
+
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(ParleyError):
+    """No such resource (or not one the caller may see)."""
+
+    status, code, title = 404, "not_found", "Not Found"
+
+
+class Conflict(ParleyError):
+    """The request conflicts with the current state (duplicate, idempotency key reused with another body)."""
+
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(ParleyError):
+    """The body is over the configured limit."""
+
+    status, code, title = 413, "payload_too_large", "Payload Too Large"
+
+
+class RateLimited(ParleyError):
+    """Too many requests or tokens; `Retry-After` says when to come back."""
+
+    status, code, title = 429, "rate_limited", "Too Many Requests"
+
+
+class BudgetExceeded(ParleyError):
+    """The spend limit for the period is reached (OpenAI answers quota errors with 429 as well)."""
+
+    status, code, title = 429, "insufficient_quota", "Budget Exceeded"
+
+
+class UpstreamError(ParleyError):
+    """A service or provider behind this one answered with an error or garbage."""
+
+    status, code, title = 502, "bad_gateway", "Bad Gateway"
+
+
+class ServiceUnavailable(ParleyError):
+    """A dependency is down or refusing connections."""
+
+    status, code, title = 503, "service_unavailable", "Service Unavailable"
+
+
+class GatewayTimeout(ParleyError):
+    """A dependency did not answer in time."""
+
+    status, code, title = 504, "timeout", "Gateway Timeout"
+
+
+class ErrorShape(StrEnum):
+    """How errors are rendered on a route."""
+
+    PROBLEM = "problem"
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(shape: ErrorShape, error: ParleyError) -> dict[str, Any]:
+    """The JSON body a client of that API expects for this error."""
+    if shape is ErrorShape.OPENAI:
+        if error.code == "insufficient_quota":
+            kind = "insufficient_quota"
+        else:
+            kind = _OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error")
+        return {"error": {"message": error.detail, "type": kind, "param": error.param, "code": error.code}}
+    if shape is ErrorShape.ANTHROPIC:
+        return {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"), "message": error.detail},
+        }
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+    }
+    if error.errors:
+        body["errors"] = error.errors
+    return body
+
+
+def error_response(shape: ErrorShape, error: ParleyError) -> Response:
+    """A complete Flask response for the error."""
+    mimetype = "application/problem+json" if shape is ErrorShape.PROBLEM else "application/json"
+    response = Response(orjson.dumps(error_body(shape, error)), status=error.status, mimetype=mimetype)
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def validation_error(exc: ValidationError) -> BadRequest:
+    """A pydantic failure as a 400 that names the fields, never echoing the input values."""
+    errors = [
+        {"loc": ".".join(str(part) for part in item["loc"]), "msg": item["msg"], "type": item["type"]}
+        for item in exc.errors(include_url=False, include_input=False)
+    ]
+    first = errors[0] if errors else {"loc": "", "msg": "invalid request"}
+    detail = f"{first['loc']}: {first['msg']}" if first["loc"] else first["msg"]
+    return BadRequest(detail, code="invalid_request", param=first["loc"] or None, errors=errors)
+
+
+def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorShape]) -> None:
+    """Answer every error in the shape of the route it happened on; never a traceback."""
+
+    def render(error: ParleyError) -> Response:
+        return error_response(shape_for_path(request.path), error)
+
+    @app.errorhandler(ParleyError)
+    def _parley(error: ParleyError) -> Response:
+        return render(error)
+
+    @app.errorhandler(ValidationError)
+    def _validation(error: ValidationError) -> Response:
+        return render(validation_error(error))
+
+    @app.errorhandler(HTTPException)
+    def _http(error: HTTPException) -> Response:
+        mapped = ParleyError(error.description if (error.code or 500) < 500 else None)
+        mapped.status = error.code or 500
+        mapped.title = error.name
+        mapped.code = error.name.lower().replace(" ", "_")
+        response = render(mapped)
+        if error.code == 405 and (allowed := getattr(error, "valid_methods", None)):
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.exception("unhandled error", extra={"url.path": request.path})
+        return render(ParleyError())

@@ -1,0 +1,1 @@
+"""Parley auth service: users, tokens, API keys, service identities"""

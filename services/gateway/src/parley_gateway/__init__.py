@@ -1,0 +1,1 @@
+"""Parley gateway: the one public door"""

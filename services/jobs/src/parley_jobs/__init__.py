@@ -1,0 +1,1 @@
+"""Parley jobs service: files and batches over RabbitMQ"""

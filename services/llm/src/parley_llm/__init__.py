@@ -1,0 +1,1 @@
+"""Parley llm service: OpenAI/Anthropic-compatible inference, routing and the usage ledger"""

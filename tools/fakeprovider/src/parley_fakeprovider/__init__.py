@@ -1,0 +1,1 @@
+"""A fake OpenAI/Anthropic upstream that speaks both wire formats, for development, tests and benchmarks"""
