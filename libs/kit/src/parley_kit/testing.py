@@ -1,0 +1,261 @@
+"""Pytest fixtures for real backing services and real service processes (a pytest plugin: `-p parley_kit.testing`).
+
+Backing services come from environment URLs first (`PARLEY_TEST_POSTGRES_URL`, `PARLEY_TEST_AMQP_URL`,
+`PARLEY_TEST_REDIS_URL`, defaulting to this machine's local servers), then from testcontainers where a Docker
+engine answers. Under CI (`CI=true`) a missing backing service fails the run instead of skipping tests.
+Every run gets fresh databases, a fresh AMQP name prefix and a fresh Redis key prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import urllib3
+
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def in_ci() -> bool:
+    """True on CI, where a missing backing service is a failure, not a skip."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str, why: str) -> None:
+    """Fail under CI, skip on a developer's machine."""
+    message = f"{what} is not reachable ({why}); start it (see README) or set its PARLEY_TEST_* URL"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _docker_answers() -> bool:
+    with contextlib.suppress(Exception):
+        import docker  # testcontainers' dependency
+
+        docker.from_env().ping()
+        return True
+    return False
+
+
+# ----- PostgreSQL -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL server on which tests create (and drop) their own databases."""
+
+    admin_url: str
+    created: list[str] = field(default_factory=list)
+
+    def create_database(self, name: str) -> str:
+        """Create a fresh database named after this run and return its SQLAlchemy URL."""
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        database = f"parley_{RUN_ID}_{name}"[:63]
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}"'))
+            connection.execute(text(f'CREATE DATABASE "{database}"'))
+        engine.dispose()
+        self.created.append(database)
+        return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        """Drop every database this run created (terminating leftover connections first)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            for database in self.created:
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
+                )
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{database}"'))
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The PostgreSQL server for this run."""
+    from sqlalchemy import create_engine, text
+
+    url = os.environ.get("PARLEY_TEST_POSTGRES_URL", DEFAULT_POSTGRES)
+    container = None
+    try:
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001
+        if not _docker_answers():
+            unavailable("PostgreSQL", type(exc).__name__)
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:16-alpine", driver="psycopg").start()
+        url = container.get_connection_url()
+    server = PostgresServer(url)
+    yield server
+    server.drop_all()
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """The RabbitMQ URL for this run (names are isolated by `amqp_prefix`)."""
+    import pika
+
+    url = os.environ.get("PARLEY_TEST_AMQP_URL", DEFAULT_AMQP)
+    container = None
+    try:
+        pika.BlockingConnection(pika.URLParameters(url)).close()
+    except Exception as exc:  # noqa: BLE001
+        if not _docker_answers():
+            unavailable("RabbitMQ", type(exc).__name__)
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.13-alpine").start()
+        params = container.get_connection_params()
+        url = f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+    yield url
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_prefix() -> str:
+    """A broker name prefix no other run uses."""
+    return f"parley-test-{RUN_ID}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis URL for this run (keys are isolated by `redis_prefix`)."""
+    import redis
+
+    url = os.environ.get("PARLEY_TEST_REDIS_URL", DEFAULT_REDIS)
+    container = None
+    try:
+        redis.Redis.from_url(url).ping()
+    except Exception as exc:  # noqa: BLE001
+        if not _docker_answers():
+            unavailable("Redis", type(exc).__name__)
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer("redis:7-alpine").start()
+        url = f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+    yield url
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other run uses; its keys are deleted at the end."""
+    import redis
+
+    prefix = f"parley-test-{RUN_ID}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+# ----- service processes ----------------------------------------------------------------------------------------
+
+
+class ServiceProcess:
+    """A real process (gunicorn service, worker, fake provider) with its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        log_dir: Path,
+        ready_url: str | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, **env}
+        self.ready_url = ready_url
+        self.cwd = cwd
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
+        """Start and wait until its readiness URL answers 200 (or it dies, which fails with its log)."""
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, cwd=self.cwd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log_file.close()
+        if self.ready_url:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll the readiness URL until it answers 200."""
+        assert self.ready_url
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=0.5, read=2.0), retries=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            with contextlib.suppress(urllib3.exceptions.HTTPError):
+                if http.request("GET", self.ready_url).status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        """The end of its log, for failure messages."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the whole process group (gunicorn and its workers)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait(5)
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """argv to run a module with this interpreter (the workspace's virtualenv)."""
+    return [sys.executable, "-m", module, *args]
