@@ -259,3 +259,73 @@ class ServiceProcess:
 def python_module(module: str, *args: str) -> list[str]:
     """argv to run a module with this interpreter (the workspace's virtualenv)."""
     return [sys.executable, "-m", module, *args]
+
+
+# ----- tokens for service tests ---------------------------------------------------------------------------------
+
+
+class TokenMint:
+    """Signs access tokens with a throwaway Ed25519 key and serves its JWKS on a local port.
+
+    For a service's own tests, where the real auth service is not running; integration tests use the real one.
+    """
+
+    def __init__(self, issuer: str = "parley-auth", audience: str = "parley") -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.issuer, self.audience = issuer, audience
+        self.kid = f"test-{uuid.uuid4().hex[:8]}"
+        self.private_key = Ed25519PrivateKey.generate()
+        public_jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(self.private_key.public_key()))
+        jwks = json.dumps({"keys": [{**public_jwk, "kid": self.kid, "alg": "EdDSA", "use": "sig"}]}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(jwks)))
+                self.end_headers()
+                self.wfile.write(jwks)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.jwks_url = f"http://127.0.0.1:{self._server.server_address[1]}/.well-known/jwks.json"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def mint(self, subject: str, *, roles: tuple[str, ...] = ("member",), ttl: int = 600, **claims: object) -> str:
+        """A signed access token for `subject` with extra claims (`key_id`, `models`, `act`, ...)."""
+        import jwt
+
+        now = int(time.time())
+        payload = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": subject,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": uuid.uuid4().hex,
+            "typ": "access",
+            "roles": list(roles),
+            **claims,
+        }
+        return jwt.encode(payload, self.private_key, algorithm="EdDSA", headers={"kid": self.kid})
+
+    def close(self) -> None:
+        """Stop serving the JWKS."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="session")
+def token_mint() -> Iterator[TokenMint]:
+    """A JWKS server and signer standing in for auth in a service's own tests."""
+    mint = TokenMint()
+    yield mint
+    mint.close()
