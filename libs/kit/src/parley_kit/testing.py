@@ -285,7 +285,7 @@ class TokenMint:
         jwks = json.dumps({"keys": [{**public_jwk, "kid": self.kid, "alg": "EdDSA", "use": "sig"}]}).encode()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(jwks)))
