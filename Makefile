@@ -1,0 +1,48 @@
+# Parley — one Makefile for the whole workspace. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := .venv/bin/python
+SERVICES := auth llm jobs gateway
+PYTEST_ARGS ?=
+
+.PHONY: help install system-deps run test test-unit test-integration lint fmt clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "Installing uv (the workspace's package manager) ..."
+	python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+
+install: $(UV) ## Create .venv with every service, the kit and the dev tools (from uv.lock)
+	@$(UV) sync --locked --quiet
+
+system-deps: ## Install the system tools the tests use (docker-compose for static compose checks)
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
+		{ echo "Installing docker-compose (Debian) for static compose validation ..."; \
+		  (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || \
+		  echo "warning: could not install docker-compose"; }
+
+run: install ## Run the whole platform locally (SQLite, local RabbitMQ, fake provider); Ctrl-C stops it
+	@$(PY) -m parley_platform
+
+test: install system-deps ## Run every test: unit, service, integration (real PostgreSQL, RabbitMQ, Redis), deploy checks
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install ## Only the fast tests (no integration tier)
+	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: install ## Only tests/integration (the whole platform as real processes)
+	@$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: install ## ruff lint and format check
+	@$(PY) -m ruff check .
+	@$(PY) -m ruff format --check .
+
+fmt: install ## ruff format and autofix
+	@$(PY) -m ruff format .
+	@$(PY) -m ruff check --fix .
+
+clean: ## Remove local state (.run: SQLite files, logs, dev secrets) and caches
+	rm -rf .run .pytest_cache .ruff_cache

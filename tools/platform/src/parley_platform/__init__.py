@@ -1,0 +1,5 @@
+"""Starts the whole Parley platform as local processes (`make run`, integration tests, benchmarks)."""
+
+from .launch import Platform, PlatformConfig
+
+__all__ = ["Platform", "PlatformConfig"]
