@@ -1,0 +1,127 @@
+"""The whole platform as real processes on real PostgreSQL, RabbitMQ and Redis, once per test session."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pika
+import pytest
+import requests
+from parley_kit.testing import PostgresServer, free_port
+from parley_platform import Platform, PlatformConfig
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything in this folder is the integration tier (`make test-unit` leaves it out)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@dataclass
+class Client:
+    """A registered user with an API key, as a new user of the gateway would have."""
+
+    email: str
+    password: str
+    access_token: str
+    api_key: str
+    key_id: str
+
+
+@dataclass
+class RunningPlatform:
+    """The started platform and ways to reach it."""
+
+    platform: Platform
+    config: PlatformConfig
+
+    @property
+    def gateway(self) -> str:
+        """The public base URL."""
+        return self.config.url("gateway")
+
+    def url(self, name: str) -> str:
+        """A process's base URL."""
+        return self.config.url(name)
+
+    def new_client(self) -> Client:
+        """Register a fresh user through the gateway and give it an API key."""
+        email = f"user-{uuid.uuid4().hex[:12]}@example.com"
+        password = secrets.token_urlsafe(16)
+        registered = requests.post(
+            f"{self.gateway}/auth/register", json={"email": email, "password": password}, timeout=10
+        )
+        assert registered.status_code == 201, registered.text
+        token = requests.post(f"{self.gateway}/auth/token", json={"email": email, "password": password}, timeout=10)
+        assert token.status_code == 200, token.text
+        access = token.json()["access_token"]
+        key = requests.post(
+            f"{self.gateway}/auth/api-keys",
+            json={"name": "integration"},
+            headers={"Authorization": f"Bearer {access}"},
+            timeout=10,
+        )
+        assert key.status_code == 201, key.text
+        return Client(email, password, access, key.json()["key"], key.json()["id"])
+
+
+@pytest.fixture(scope="session")
+def platform(
+    postgres: PostgresServer,
+    amqp_url: str,
+    amqp_prefix: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningPlatform]:
+    """auth, llm, jobs (API + worker), gateway and the fake provider, each its own process."""
+    run_dir = tmp_path_factory.mktemp("platform")
+    config = PlatformConfig(
+        run_dir=run_dir,
+        environment="test",
+        database_urls={name: postgres.create_database(name) for name in ("auth", "llm", "jobs")},
+        amqp_url=amqp_url,
+        amqp_prefix=amqp_prefix,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        secrets={name: secrets.token_urlsafe(32) for name in ("gateway", "jobs", "pepper", "provider")},
+        ports={name: free_port() for name in ("gateway", "auth", "llm", "jobs", "fakeprovider")},
+    )
+    platform = Platform(config)
+    platform.migrate()
+    platform.start()
+    try:
+        yield RunningPlatform(platform, config)
+    finally:
+        platform.stop()
+        _delete_broker_names(amqp_url, amqp_prefix)
+
+
+@pytest.fixture
+def client(platform: RunningPlatform) -> Client:
+    """A fresh user with an API key."""
+    return platform.new_client()
+
+
+def _delete_broker_names(amqp_url: str, prefix: str) -> None:
+    """Remove this run's queues and exchanges (the names the services declare)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    for queue in (f"{prefix}.jobs.items", f"{prefix}.jobs.items.dead"):
+        channel = connection.channel()
+        try:
+            channel.queue_delete(queue)
+        except pika.exceptions.ChannelClosedByBroker:
+            pass
+    for exchange in (f"{prefix}.events", f"{prefix}.jobs.dlx"):
+        channel = connection.channel()
+        try:
+            channel.exchange_delete(exchange)
+        except pika.exceptions.ChannelClosedByBroker:
+            pass
+    connection.close()
