@@ -1,1 +1,62 @@
-"""Parley llm service: OpenAI/Anthropic-compatible inference, routing and the usage ledger"""
+"""Parley llm service: OpenAI/Anthropic-compatible inference, routing and the usage ledger."""
+
+from __future__ import annotations
+
+import atexit
+from pathlib import Path
+
+from flask_openapi3 import OpenAPI
+from parley_kit.app import create_service_app
+from parley_kit.db import Database
+from parley_kit.errors import ErrorShape
+from parley_kit.health import Health
+from parley_kit.tokens import TokenVerifier
+
+from .catalog import load_catalog
+from .relay import Ledger
+from .settings import LlmSettings, load_settings, prepare_sqlite_dir
+from .upstream import Upstreams
+from .views import LlmState, register_routes
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def shape_for_path(path: str) -> ErrorShape:
+    """Anthropic's error shape on /v1/messages, OpenAI's on the other /v1 routes, problem+json elsewhere."""
+    if path.startswith("/v1/messages"):
+        return ErrorShape.ANTHROPIC
+    if path.startswith("/v1/"):
+        return ErrorShape.OPENAI
+    return ErrorShape.PROBLEM
+
+
+def create_app(settings: LlmSettings | None = None) -> OpenAPI:
+    """Build the llm app: catalogue, database, token verifier, provider clients, routes and readiness."""
+    settings = settings or load_settings()
+    app, health = create_service_app(settings, __name__, title="Parley llm", shape_for_path=shape_for_path)
+    state = build_state(settings)
+    app.extensions["parley_llm"] = state
+    register_routes(app, state)
+    register_health(health, state)
+    atexit.register(state.close)
+    return app
+
+
+def build_state(settings: LlmSettings) -> LlmState:
+    """Everything a worker builds once after fork; a bad models file stops the service here."""
+    catalog = load_catalog(settings.models_file)
+    prepare_sqlite_dir(settings.database_url)
+    db = Database(settings.database_url)
+    return LlmState(
+        catalog=catalog,
+        db=db,
+        verifier=TokenVerifier(settings.jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience),
+        upstreams=Upstreams(settings),
+        ledger=Ledger(db.engine, catalog.price_version),
+        log_prompts=settings.log_prompts,
+    )
+
+
+def register_health(health: Health, state: LlmState) -> None:
+    """Ready when the ledger database answers."""
+    health.add_check("database", state.db.check)

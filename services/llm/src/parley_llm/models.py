@@ -1,0 +1,42 @@
+"""The usage ledger: one row per request on every path (ok, error or cancelled)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from parley_kit.db import UTCDateTime, make_metadata, utcnow
+from sqlalchemy import BigInteger, Index, Integer, Numeric, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the llm database."""
+
+    metadata = make_metadata()
+
+
+class UsageRecord(Base):
+    """What one request consumed and cost, priced by the price-table version in force."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(128))
+    operation: Mapped[str] = mapped_column(String(16))  # chat | embeddings | messages
+    model: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(32))
+    upstream_model: Mapped[str] = mapped_column(String(128))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 9))
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # ok | error | cancelled
+    price_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+usage_records = UsageRecord.__table__

@@ -1,0 +1,338 @@
+"""The hot path: send a request to its provider, forward the answer's bytes, meter usage, settle the ledger.
+
+Non-streams are parsed only for `usage`; streams are forwarded event by event as they arrive (never buffered),
+counting content chunks so a stream cut by either side is charged for what was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import orjson
+from parley_kit.errors import ParleyError, UpstreamError
+from sqlalchemy import Engine
+
+from . import service
+from .catalog import Deployment, Provider
+from .telemetry import CallRecord, observe
+from .upstream import Upstreams
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Who asked for what, and when: everything the ledger row needs besides the usage."""
+
+    request_id: str
+    user_id: str
+    key_id: str | None
+    deployment: Deployment
+    operation: str  # chat | embeddings | messages
+    body: dict[str, Any]
+    started: float  # perf_counter at request start
+
+    def new_record(self, *, streamed: bool = False) -> CallRecord:
+        """An empty call record for this context."""
+        return CallRecord(
+            operation=self.operation,
+            provider=self.deployment.provider.value,
+            request_model=self.deployment.name,
+            upstream_model=self.deployment.upstream_model,
+            streamed=streamed,
+        )
+
+
+Settle = Callable[[CallContext, CallRecord, "float | None"], None]
+
+
+class Ledger:
+    """Prices a finished call, records its metrics and log line, and writes its one usage row."""
+
+    def __init__(self, engine: Engine, price_version: str) -> None:
+        self.engine = engine
+        self.price_version = price_version
+
+    def settle(self, ctx: CallContext, record: CallRecord, first_chunk: float | None = None) -> None:
+        """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response."""
+        elapsed = time.perf_counter() - ctx.started
+        cost = service.price(ctx.deployment, input_tokens=record.input_tokens, output_tokens=record.output_tokens)
+        try:
+            observe(record, duration=elapsed, first_chunk=first_chunk, cost=float(cost), user_id=ctx.user_id)
+            # A bare connection, not an ORM session: one INSERT in its own short transaction.
+            with self.engine.begin() as connection:
+                service.record_usage(
+                    connection,
+                    request_id=ctx.request_id,
+                    user_id=ctx.user_id,
+                    key_id=ctx.key_id,
+                    operation=ctx.operation,
+                    deployment=ctx.deployment,
+                    input_tokens=record.input_tokens,
+                    output_tokens=record.output_tokens,
+                    cost_usd=cost,
+                    latency_ms=int(elapsed * 1000),
+                    status=record.status,
+                    price_version=self.price_version,
+                )
+        except Exception:
+            log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
+
+
+def estimate_prompt_words(body: dict[str, Any]) -> int:
+    """Input tokens estimated as words of the prompt, for when the provider never told us."""
+    words = 0
+    for part in (body.get("system"), body.get("input"), *(m.get("content") for m in body.get("messages") or ())):
+        words += _words(part)
+    return words
+
+
+def _words(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content.split())
+    if isinstance(content, list):
+        return sum(_words(item.get("text") if isinstance(item, dict) else item) for item in content)
+    return 0
+
+
+def read_usage(record: CallRecord, provider: Provider, data: Any) -> None:
+    """Copy the provider's usage and response model from a parsed (non-stream) answer into the record."""
+    if not isinstance(data, dict):
+        raise UpstreamError(f"the {provider.value} provider answered with an unexpected body", code="upstream_garbage")
+    usage = data.get("usage") or {}
+    if provider is Provider.OPENAI:
+        record.input_tokens = int(usage.get("prompt_tokens") or 0)
+        record.output_tokens = int(usage.get("completion_tokens") or 0)
+    else:
+        record.input_tokens = (
+            int(usage.get("input_tokens") or 0)
+            + int(usage.get("cache_creation_input_tokens") or 0)
+            + int(usage.get("cache_read_input_tokens") or 0)
+        )
+        record.output_tokens = int(usage.get("output_tokens") or 0)
+    record.response_model = str(data.get("model") or "")
+
+
+def complete(
+    upstreams: Upstreams,
+    ctx: CallContext,
+    *,
+    path: str,
+    content: bytes,
+    settle: Callable[[CallRecord], None],
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """A non-streamed call: the provider's bytes, unchanged; usage parsed and handed to `settle`."""
+    record = ctx.new_record()
+    provider = ctx.deployment.provider
+    try:
+        response = upstreams.post(provider, path, content, stream=False, headers=headers)
+        body = response.content
+        try:
+            read_usage(record, provider, orjson.loads(body))
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"the {provider.value} provider answered with a malformed body", code="upstream_garbage"
+            ) from None
+    except ParleyError as exc:
+        record.status = "error"
+        record.error_type = exc.code if exc.status >= 500 else str(exc.status)
+        settle(record)
+        raise
+    settle(record)
+    return body
+
+
+class StreamMeter:
+    """Per-format handling of a passed-through stream: which events to forward and what they tell the ledger."""
+
+    def __init__(self, record: CallRecord) -> None:
+        self.record = record
+        self.chunks = 0  # content deltas forwarded to the client
+        self.usage_seen = False
+        self.done = False  # the upstream ended the stream properly
+        self.failed = False  # the upstream sent an error event
+
+    def handle(self, event: bytes) -> bytes | None:
+        """The bytes to forward for one SSE event (without its blank line), or None to drop it."""
+        raise NotImplementedError
+
+    def error_event(self, message: str) -> bytes:
+        """The format's own mid-stream error event, for when the upstream fails under us."""
+        raise NotImplementedError
+
+
+def _data(event: bytes) -> bytes | None:
+    """The `data:` payload of an SSE event (single-line data, as both providers send)."""
+    start = event.find(b"data:")
+    if start < 0:
+        return None
+    end = event.find(b"\n", start)
+    payload = event[start + 5 : end if end >= 0 else len(event)]
+    return payload[1:] if payload.startswith(b" ") else payload
+
+
+class OpenAIStreamMeter(StreamMeter):
+    """OpenAI chat chunks: counts content deltas, reads the final usage chunk, drops it if unasked for."""
+
+    def __init__(self, record: CallRecord, *, client_wants_usage: bool) -> None:
+        super().__init__(record)
+        self.client_wants_usage = client_wants_usage
+
+    def handle(self, event: bytes) -> bytes | None:
+        """Forward the chunk unless it is the usage chunk the client did not ask for."""
+        payload = _data(event)
+        if payload is None:
+            return event
+        if payload.startswith(b"[DONE]"):
+            self.done = True
+            return event
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        if "error" in chunk:
+            self.failed = True
+            return event
+        if not self.record.response_model and chunk.get("model"):
+            self.record.response_model = str(chunk["model"])
+        choices = chunk.get("choices") or ()
+        for choice in choices:
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+                self.chunks += 1
+                break
+        usage = chunk.get("usage")
+        if usage:
+            self.usage_seen = True
+            self.record.input_tokens = int(usage.get("prompt_tokens") or 0)
+            self.record.output_tokens = int(usage.get("completion_tokens") or 0)
+            if not choices and not self.client_wants_usage:
+                return None
+        return event
+
+    def error_event(self, message: str) -> bytes:
+        """`data: {"error": …}`, which the OpenAI SDK raises as APIError."""
+        return b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error", "code": None}})
+
+
+class AnthropicStreamMeter(StreamMeter):
+    """Anthropic named events: input tokens from message_start, cumulative output from message_delta."""
+
+    def handle(self, event: bytes) -> bytes | None:
+        """Every event is forwarded unchanged; only its usage is read."""
+        payload = _data(event)
+        if payload is None:
+            return event
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "content_block_delta":
+            self.chunks += 1
+        elif kind == "message_start":
+            message = data.get("message") or {}
+            usage = message.get("usage") or {}
+            self.record.response_model = str(message.get("model") or "")
+            self.record.input_tokens = (
+                int(usage.get("input_tokens") or 0)
+                + int(usage.get("cache_creation_input_tokens") or 0)
+                + int(usage.get("cache_read_input_tokens") or 0)
+            )
+        elif kind == "message_delta":
+            usage = data.get("usage") or {}
+            if "output_tokens" in usage:
+                self.usage_seen = True
+                self.record.output_tokens = int(usage["output_tokens"] or 0)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.failed = True
+        return event
+
+    def error_event(self, message: str) -> bytes:
+        """`event: error`, which the Anthropic SDK raises."""
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(body)
+
+
+def sse_events(response: httpx2.Response, deadline: float) -> Iterator[bytes]:
+    """The upstream's SSE events (without their blank line) as they arrive; a trailing partial event is dropped."""
+    buffer = b""
+    for chunk in response.iter_bytes():
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        buffer += chunk
+        while (end := buffer.find(b"\n\n")) >= 0:
+            event, buffer = buffer[:end], buffer[end + 2 :]
+            if event:
+                yield event
+        if time.monotonic() > deadline:
+            raise TimeoutError("total timeout")
+
+
+def relay_stream(
+    response: httpx2.Response, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
+) -> Iterator[bytes]:
+    """Forward the upstream's events one by one; whatever ends the stream, close the upstream and settle once."""
+    record = meter.record
+    first_chunk: float | None = None
+    provider = ctx.deployment.provider.value
+    try:
+        for event in sse_events(response, time.monotonic() + total_timeout):
+            out = meter.handle(event)
+            if out is None:
+                continue
+            if first_chunk is None:
+                first_chunk = time.perf_counter() - ctx.started
+            yield out + b"\n\n"
+        if meter.failed:
+            record.status, record.error_type = "error", "upstream_stream_error"
+        elif not meter.done:
+            record.status, record.error_type = "error", "upstream_cut"
+            yield meter.error_event(f"the {provider} provider ended the stream early") + b"\n\n"
+    except GeneratorExit:
+        # The client went away: stop reading at once (closing below drops the upstream connection).
+        record.status, record.error_type = "cancelled", "cancelled"
+        raise
+    except (httpx2.HTTPError, TimeoutError) as exc:
+        record.status, record.error_type = "error", type(exc).__name__
+        yield meter.error_event(f"the {provider} provider stream failed") + b"\n\n"
+    finally:
+        response.close()
+        if not meter.usage_seen:
+            # No final usage: 1 content delta = 1 output token; input tokens estimated if still unknown.
+            record.output_tokens = max(record.output_tokens, meter.chunks)
+        if not record.input_tokens:
+            record.input_tokens = estimate_prompt_words(ctx.body)
+        settle(ctx, record, first_chunk)
+
+
+def start_stream(
+    upstreams: Upstreams,
+    ctx: CallContext,
+    record: CallRecord,
+    *,
+    path: str,
+    content: bytes,
+    settle: Settle,
+    headers: dict[str, str] | None = None,
+) -> httpx2.Response:
+    """Open the upstream stream; a refusal before the first byte is settled as an error and raised."""
+    try:
+        return upstreams.post(ctx.deployment.provider, path, content, stream=True, headers=headers)
+    except ParleyError as exc:
+        record.status = "error"
+        record.error_type = exc.code if exc.status >= 500 else str(exc.status)
+        settle(ctx, record, None)
+        raise

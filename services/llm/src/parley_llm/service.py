@@ -1,0 +1,98 @@
+"""Ledger functions: price a call, write its usage row, and aggregate a caller's usage (never committing)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from parley_kit.db import utcnow
+from sqlalchemy import Connection, Date, cast, func, select
+from sqlalchemy.orm import Session
+
+from .catalog import Deployment
+from .models import UsageRecord, usage_records
+
+_INSERT = usage_records.insert()
+
+
+def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> Decimal:
+    """The USD cost of a call at the deployment's current price, rounded to the ledger's 9 decimals."""
+    return deployment.cost(input_tokens, output_tokens).quantize(Decimal("1e-9"))
+
+
+def record_usage(
+    db: Connection | Session,
+    *,
+    request_id: str,
+    user_id: str,
+    key_id: str | None,
+    operation: str,
+    deployment: Deployment,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: Decimal,
+    latency_ms: int,
+    status: str,
+    price_version: str,
+) -> None:
+    """Write one usage row with a single Core INSERT (no ORM unit of work on the hot path)."""
+    db.execute(
+        _INSERT,
+        {
+            "request_id": request_id,
+            "user_id": user_id,
+            "key_id": key_id,
+            "operation": operation,
+            "model": deployment.name,
+            "provider": deployment.provider.value,
+            "upstream_model": deployment.upstream_model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cost_usd": cost_usd,
+            "latency_ms": latency_ms,
+            "status": status,
+            "price_version": price_version,
+            "created_at": utcnow(),
+        },
+    )
+
+
+def usage_by_day(session: Session, *, user_id: str, start: date | None = None, end: date | None = None) -> list[dict]:
+    """The caller's usage per UTC day and model, oldest first."""
+    created = UsageRecord.created_at
+    if session.get_bind().dialect.name == "postgresql":
+        day: Any = cast(func.timezone("UTC", created), Date)
+    else:  # SQLite stores UTC text; date() takes its first ten characters
+        day = func.date(created)
+    day = day.label("day")
+    query = (
+        select(
+            day,
+            UsageRecord.model,
+            func.count().label("requests"),
+            func.coalesce(func.sum(UsageRecord.input_tokens), 0).label("input_tokens"),
+            func.coalesce(func.sum(UsageRecord.output_tokens), 0).label("output_tokens"),
+            func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
+        )
+        .where(UsageRecord.user_id == user_id)
+        .group_by(day, UsageRecord.model)
+        .order_by(day, UsageRecord.model)
+    )
+    if start is not None:
+        query = query.where(created >= datetime.combine(start, time.min, UTC))
+    if end is not None:
+        query = query.where(created < datetime.combine(end + timedelta(days=1), time.min, UTC))
+    rows = []
+    for row in session.execute(query):
+        rows.append(
+            {
+                "date": row.day.isoformat() if isinstance(row.day, date) else str(row.day),
+                "model": row.model,
+                "requests": int(row.requests),
+                "input_tokens": int(row.input_tokens),
+                "output_tokens": int(row.output_tokens),
+                "cost_usd": float(Decimal(str(row.cost_usd))),
+            }
+        )
+    return rows

@@ -1,0 +1,47 @@
+"""The llm service's settings (env prefix `LLM_`), built once and frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parley_kit.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+BUNDLED_MODELS_FILE = str(Path(__file__).with_name("models.yaml"))
+
+
+class LlmSettings(ServiceSettings):
+    """Where the llm service listens, its ledger database, the model catalogue and the provider endpoints."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    service_name: str = "llm"
+    bind: str = "127.0.0.1:8082"
+    # worker_class (gevent), workers (2) and worker_connections (2000) keep the base defaults: thousands of
+    # long streams per process want gevent.
+    database_url: str = "sqlite:///.run/llm.db"
+    models_file: str = BUNDLED_MODELS_FILE
+    openai_base_url: str = "http://127.0.0.1:8090/v1"
+    openai_api_key: str = Field("dev-fake-key", repr=False)
+    anthropic_base_url: str = "http://127.0.0.1:8090"
+    anthropic_api_key: str = Field("dev-fake-key", repr=False)
+    connect_timeout: float = Field(3.0, gt=0)
+    first_byte_timeout: float = Field(60.0, gt=0)
+    total_timeout: float = Field(600.0, gt=0)
+    log_prompts: bool = False
+
+
+def load_settings() -> LlmSettings:
+    """Read the settings from the environment (and `.env`); make the SQLite file's folder if needed."""
+    settings = LlmSettings()
+    prepare_sqlite_dir(settings.database_url)
+    return settings
+
+
+def prepare_sqlite_dir(url: str) -> None:
+    """SQLite will not create the folder of its file (the default lives under `.run/`)."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,289 @@
+"""The OpenAI- and Anthropic-compatible routes: parse, route to a deployment, relay, shape the answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import orjson
+from flask import Response, after_this_request, g, request, stream_with_context
+from flask_openapi3 import APIBlueprint, OpenAPI, Tag
+from parley_kit import tracing
+from parley_kit.db import Database
+from parley_kit.errors import BadRequest, Forbidden, NotFound
+from parley_kit.tokens import Identity, TokenVerifier, authenticate
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import relay, service
+from .catalog import Catalog, Deployment, Operation, Provider
+from .telemetry import CallRecord
+from .upstream import Upstreams
+
+
+@dataclass(frozen=True, slots=True)
+class LlmState:
+    """What the routes need, built once per worker by the factory."""
+
+    catalog: Catalog
+    db: Database
+    verifier: TokenVerifier
+    upstreams: Upstreams
+    ledger: relay.Ledger
+    log_prompts: bool = False
+
+    def close(self) -> None:
+        """Release pooled database and provider connections."""
+        self.upstreams.close()
+        self.db.dispose()
+
+
+# ----- request and response bodies (lenient: unknown fields pass through to the provider) ----------------------
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI `POST /v1/chat/completions`; every other field (tools, response_format, stop, …) is passed on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI `POST /v1/embeddings`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    input: str | list[Any]
+
+
+class MessagesRequest(BaseModel):
+    """Anthropic `POST /v1/messages`; every other field (system, tools, stop_sequences, …) is passed on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    stream: bool = False
+
+
+class ProviderAnswer(BaseModel):
+    """The provider's own response object, forwarded unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelCard(BaseModel):
+    """One model in OpenAI's list shape."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`."""
+
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class UsageQuery(BaseModel):
+    """Optional UTC day range (inclusive)."""
+
+    start: date | None = None
+    end: date | None = None
+
+
+class UsageRow(BaseModel):
+    """The caller's usage of one model on one UTC day."""
+
+    date: str
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class UsageList(BaseModel):
+    """`GET /v1/usage`."""
+
+    object: str = "list"
+    data: list[UsageRow]
+
+
+# ----- routes ---------------------------------------------------------------------------------------------------
+
+
+def register_routes(app: OpenAPI, state: LlmState) -> None:
+    """Mount the `/v1` routes; every one needs a verified bearer token."""
+    bp = APIBlueprint("llm", __name__, url_prefix="/v1", abp_tags=[Tag(name="llm")], abp_security=[{"bearer": []}])
+
+    @bp.before_request
+    def _authenticate() -> None:
+        g.identity = authenticate(request, state.verifier)
+
+    def deferred_settle(ctx: relay.CallContext) -> Callable[[CallRecord], None]:
+        """Settle after the answer has been sent (WSGI close), so the ledger write is off the client's clock."""
+
+        def settle(record: CallRecord) -> None:
+            @after_this_request
+            def _on_close(response: Response) -> Response:
+                response.call_on_close(lambda: state.ledger.settle(ctx, record))
+                return response
+
+        return settle
+
+    def stream_response(events: Any) -> Response:
+        return Response(stream_with_context(events), mimetype="text/event-stream", headers=relay.SSE_HEADERS)
+
+    @bp.post("/chat/completions", responses={200: ProviderAnswer})
+    def chat_completions(body: ChatCompletionRequest) -> Response:
+        """Create a chat completion (OpenAI format), streamed or not."""
+        deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
+        if deployment.provider is not Provider.OPENAI:
+            raise BadRequest(
+                f"model {body.model!r} is not available in the OpenAI chat format; use /v1/messages",
+                code="model_not_available",
+                param="model",
+            )
+        raw: dict[str, Any] = request.get_json()
+        ctx = context(g.identity, deployment, "chat", raw)
+        if not body.stream:
+            content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
+            answer = relay.complete(
+                state.upstreams, ctx, path="/chat/completions", content=content, settle=deferred_settle(ctx)
+            )
+            return Response(answer, mimetype="application/json")
+        options = raw.get("stream_options") or {}
+        # Always ask for the usage chunk (the ledger needs it); the meter drops it if the client did not ask.
+        upstream_body = {
+            **raw,
+            "model": deployment.upstream_model,
+            "stream_options": {**options, "include_usage": True},
+        }
+        record = ctx.new_record(streamed=True)
+        upstream = relay.start_stream(
+            state.upstreams,
+            ctx,
+            record,
+            path="/chat/completions",
+            content=orjson.dumps(upstream_body),
+            settle=state.ledger.settle,
+        )
+        meter = relay.OpenAIStreamMeter(record, client_wants_usage=bool(options.get("include_usage")))
+        return stream_response(
+            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.upstreams.total_timeout)
+        )
+
+    @bp.post("/embeddings", responses={200: ProviderAnswer})
+    def embeddings(body: EmbeddingRequest) -> Response:
+        """Create embeddings (OpenAI format)."""
+        deployment = resolve(state.catalog, g.identity, body.model, Operation.EMBEDDINGS)
+        raw: dict[str, Any] = request.get_json()
+        ctx = context(g.identity, deployment, "embeddings", raw)
+        content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
+        answer = relay.complete(state.upstreams, ctx, path="/embeddings", content=content, settle=deferred_settle(ctx))
+        return Response(answer, mimetype="application/json")
+
+    @bp.post("/messages", responses={200: ProviderAnswer})
+    def messages(body: MessagesRequest) -> Response:
+        """Create a message (Anthropic format), streamed or not."""
+        deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
+        if deployment.provider is not Provider.ANTHROPIC:
+            raise BadRequest(
+                f"model {body.model!r} is not available in the Anthropic messages format; use /v1/chat/completions",
+                code="model_not_available",
+            )
+        raw: dict[str, Any] = request.get_json()
+        ctx = context(g.identity, deployment, "messages", raw)
+        beta = request.headers.get("anthropic-beta")
+        headers = {"anthropic-beta": beta} if beta else None
+        content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
+        if not body.stream:
+            answer = relay.complete(
+                state.upstreams, ctx, path="/v1/messages", content=content, settle=deferred_settle(ctx), headers=headers
+            )
+            return Response(answer, mimetype="application/json")
+        record = ctx.new_record(streamed=True)
+        upstream = relay.start_stream(
+            state.upstreams,
+            ctx,
+            record,
+            path="/v1/messages",
+            content=content,
+            settle=state.ledger.settle,
+            headers=headers,
+        )
+        meter = relay.AnthropicStreamMeter(record)
+        return stream_response(
+            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.upstreams.total_timeout)
+        )
+
+    @bp.get("/models", responses={200: ModelList})
+    def list_models() -> Response:
+        """The models this caller may use, in OpenAI's list shape."""
+        allowed = g.identity.models
+        data = [
+            {"id": name, "object": "model", "created": d.created, "owned_by": d.provider.value}
+            for name, d in state.catalog.models.items()
+            if allowed is None or name in allowed
+        ]
+        return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
+
+    @bp.get("/usage", responses={200: UsageList})
+    def usage(query: UsageQuery) -> Response:
+        """The caller's usage aggregated by UTC day and model."""
+        if query.start and query.end and query.start > query.end:
+            raise BadRequest("start must not be after end", param="start")
+        with state.db.transaction() as session:
+            rows = service.usage_by_day(session, user_id=g.identity.subject, start=query.start, end=query.end)
+        return Response(orjson.dumps({"object": "list", "data": rows}), mimetype="application/json")
+
+    app.register_api(bp)
+
+
+def resolve(catalog: Catalog, identity: Identity, model: str, operation: Operation) -> Deployment:
+    """The deployment for a public model name the caller may use for this operation (404 / 403 / 400 otherwise)."""
+    deployment = catalog.get(model)
+    if deployment is None:
+        raise NotFound(
+            f"The model {model!r} does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    if identity.models is not None and model not in identity.models:
+        raise Forbidden(f"this key may not use the model {model!r}", code="model_not_allowed", param="model")
+    if deployment.operation is not operation:
+        raise BadRequest(
+            f"the model {model!r} does not support {operation.value}", code="model_not_supported", param="model"
+        )
+    return deployment
+
+
+def context(identity: Identity, deployment: Deployment, operation: str, body: dict[str, Any]) -> relay.CallContext:
+    """The ledger context of this request."""
+    trace = tracing.current()
+    return relay.CallContext(
+        request_id=trace.request_id if trace else "",
+        user_id=identity.subject,
+        key_id=identity.key_id,
+        deployment=deployment,
+        operation=operation,
+        body=body,
+        started=g.get("parley_started") or time.perf_counter(),
+    )
+
+
+def _rename(raw: dict[str, Any], deployment: Deployment) -> bytes:
+    """The request body with the public model name replaced by the provider's."""
+    return orjson.dumps({**raw, "model": deployment.upstream_model})

@@ -1,0 +1,143 @@
+"""Fixtures: the fake provider as a real process, the llm app on PostgreSQL, tokens from the kit's mint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from parley_kit.db import upgrade
+from parley_kit.testing import ServiceProcess, TokenMint, free_port, python_module
+from parley_llm import MIGRATIONS_DIR, create_app
+from parley_llm.settings import LlmSettings
+from sqlalchemy import create_engine, text
+
+PROVIDER_KEY = "canary-provider-key-7f3a9c1e5b"
+
+
+@pytest.fixture(scope="session")
+def fake_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake provider on a free port, requiring PROVIDER_KEY; yields its base URL."""
+    port = free_port()
+    process = ServiceProcess(
+        "fakeprovider",
+        python_module("parley_fakeprovider", "--port", str(port)),
+        env={"FAKE_PROVIDER_API_KEY": PROVIDER_KEY},
+        log_dir=tmp_path_factory.mktemp("fake"),
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+    )
+    process.start()
+    yield f"http://127.0.0.1:{port}"
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres) -> str:  # type: ignore[no-untyped-def]
+    """A fresh PostgreSQL database migrated to head."""
+    url = postgres.create_database("llm_service")
+    upgrade(MIGRATIONS_DIR, url)
+    return url
+
+
+def llm_settings(fake_provider: str, database_url: str, token_mint: TokenMint, **overrides: object) -> LlmSettings:
+    """Settings pointing at the fake provider, the test database and the test JWKS."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "jwks_url": token_mint.jwks_url,
+        "openai_base_url": f"{fake_provider}/v1",
+        "anthropic_base_url": fake_provider,
+        "openai_api_key": PROVIDER_KEY,
+        "anthropic_api_key": PROVIDER_KEY,
+        "connect_timeout": 2.0,
+        "first_byte_timeout": 5.0,
+        "total_timeout": 20.0,
+    }
+    values.update(overrides)
+    return LlmSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def app(fake_provider: str, database_url: str, token_mint: TokenMint):  # type: ignore[no-untyped-def]
+    """The llm app on PostgreSQL."""
+    app = create_app(llm_settings(fake_provider, database_url, token_mint))
+    yield app
+    app.extensions["parley_llm"].close()
+
+
+class Client:
+    """The Flask test client, buffered so each response is closed (and the ledger settled) like under gunicorn."""
+
+    def __init__(self, app, token: str | None) -> None:  # type: ignore[no-untyped-def]
+        self._client = app.test_client()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def post(self, path: str, **kwargs):  # type: ignore[no-untyped-def]
+        """POST with the token."""
+        return self._client.post(path, headers={**self.headers, **kwargs.pop("headers", {})}, buffered=True, **kwargs)
+
+    def get(self, path: str, **kwargs):  # type: ignore[no-untyped-def]
+        """GET with the token."""
+        return self._client.get(path, headers={**self.headers, **kwargs.pop("headers", {})}, buffered=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def provider_key() -> str:
+    """The key the fake provider requires (a canary: it must never be shown)."""
+    return PROVIDER_KEY
+
+
+@pytest.fixture(scope="session")
+def make_app(fake_provider: str, database_url: str, token_mint: TokenMint):  # type: ignore[no-untyped-def]
+    """Build another llm app with settings overrides (closed at the end of the session)."""
+    apps = []
+
+    def make(**overrides: object):  # type: ignore[no-untyped-def]
+        values = {"database_url": database_url, **overrides}
+        url = str(values.pop("database_url"))
+        apps.append(create_app(llm_settings(fake_provider, url, token_mint, **values)))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["parley_llm"].close()
+
+
+@pytest.fixture(scope="session")
+def make_client():  # type: ignore[no-untyped-def]
+    """A buffered test client for an app with a bearer token (or none)."""
+    return Client
+
+
+@pytest.fixture
+def user(request: pytest.FixtureRequest) -> str:
+    """A user id unique to the test, so ledger assertions see only its own rows."""
+    return f"user-{request.node.name}"[:120]
+
+
+@pytest.fixture
+def client(app, token_mint: TokenMint, user: str) -> Client:  # type: ignore[no-untyped-def]
+    """A client with a member token for `user`."""
+    return Client(app, token_mint.mint(user, key_id="key-1"))
+
+
+def usage_rows(database_url: str, user: str) -> list[dict]:
+    """The ledger rows of one user, oldest first."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT * FROM usage_records WHERE user_id = :u ORDER BY id"), {"u": user}
+        ).mappings()
+        result = [dict(row) for row in rows]
+    engine.dispose()
+    return result
+
+
+@pytest.fixture
+def rows(database_url: str, user: str):  # type: ignore[no-untyped-def]
+    """A callable returning this test user's ledger rows."""
+    return lambda: usage_rows(database_url, user)
+
+
+def repo_root() -> Path:
+    """The workspace root (for processes that need a working directory)."""
+    return Path(__file__).resolve().parents[3]

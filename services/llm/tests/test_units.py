@@ -1,0 +1,119 @@
+"""Unit tests: no network, no database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from parley_kit.errors import ErrorShape
+from parley_llm import shape_for_path
+from parley_llm.catalog import CatalogError, load_catalog
+from parley_llm.relay import AnthropicStreamMeter, OpenAIStreamMeter, estimate_prompt_words
+from parley_llm.settings import BUNDLED_MODELS_FILE, LlmSettings
+from parley_llm.telemetry import CallRecord
+from parley_llm.upstream import Upstreams
+
+OPENAI_A = "models: {a: {provider: openai, upstream_model: a}}\n"
+
+
+def record() -> CallRecord:
+    return CallRecord(operation="chat", provider="openai", request_model="m", upstream_model="m")
+
+
+def test_bundled_catalogue_has_the_required_models() -> None:
+    catalog = load_catalog(BUNDLED_MODELS_FILE)
+    assert catalog.price_version
+    assert catalog.get("gpt-4o-mini").provider == "openai"
+    assert catalog.get("claude-3-5-haiku-latest").provider == "anthropic"
+    assert catalog.get("text-embedding-3-small").operation == "embeddings"
+    assert str(catalog.get("gpt-4o-mini").cost(1_000_000, 1_000_000)) == "0.75"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "prices: {price_version: v1}\n" + OPENAI_A,
+            "every model needs a price",
+        ),
+        ("prices: {a: {input: 1, output: 1}}\nmodels: {a: {provider: openai, upstream_model: a}}\n", "price_version"),
+        (
+            "prices: {price_version: v, a: {input: 1, output: 1}}\nmodels: {a: {provider: nope, upstream_model: a}}\n",
+            "provider",
+        ),
+        (
+            "prices: {price_version: v, a: {input: -1, output: 1}}\n" + OPENAI_A,
+            "greater than or equal",
+        ),
+        ("models: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_models_file_is_refused_with_a_clear_message(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(content)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(path)
+
+
+def test_missing_models_file() -> None:
+    with pytest.raises(CatalogError, match="cannot read"):
+        load_catalog("/nonexistent/models.yaml")
+
+
+def test_error_shapes_by_path() -> None:
+    assert shape_for_path("/v1/messages") is ErrorShape.ANTHROPIC
+    assert shape_for_path("/v1/chat/completions") is ErrorShape.OPENAI
+    assert shape_for_path("/readyz") is ErrorShape.PROBLEM
+
+
+def test_openai_meter_counts_content_and_drops_unasked_usage() -> None:
+    meter = OpenAIStreamMeter(record(), client_wants_usage=False)
+    assert meter.handle(b'data: {"model":"x","choices":[{"delta":{"role":"assistant","content":""}}]}')
+    assert meter.handle(b'data: {"choices":[{"delta":{"content":"hi"}}]}')
+    assert meter.handle(b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}')
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    assert meter.handle(usage) is None
+    assert meter.handle(b"data: [DONE]") == b"data: [DONE]"
+    assert meter.chunks == 2 and meter.done and meter.usage_seen
+    assert (meter.record.input_tokens, meter.record.output_tokens, meter.record.response_model) == (5, 2, "x")
+    keeps = OpenAIStreamMeter(record(), client_wants_usage=True)
+    assert keeps.handle(usage) == usage
+
+
+def test_anthropic_meter_reads_start_and_cumulative_delta() -> None:
+    meter = AnthropicStreamMeter(record())
+    meter.handle(
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":"c","usage":{"input_tokens":9}}}'
+    )
+    meter.handle(b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"a"}}')
+    meter.handle(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":7}}')
+    meter.handle(b'event: message_stop\ndata: {"type":"message_stop"}')
+    assert (meter.record.input_tokens, meter.record.output_tokens, meter.chunks, meter.done) == (9, 7, 1, True)
+    assert meter.error_event("x").startswith(b"event: error\ndata: ")
+
+
+def test_prompt_words_estimate() -> None:
+    body = {
+        "system": "be brief",
+        "messages": [{"content": "one two three"}, {"content": [{"type": "text", "text": "four five"}]}],
+    }
+    assert estimate_prompt_words(body) == 7
+    assert estimate_prompt_words({"input": ["a b", "c"]}) == 3
+
+
+def test_redaction_removes_keys_and_urls() -> None:
+    upstreams = Upstreams(LlmSettings(openai_api_key="sk-very-secret", openai_base_url="http://10.1.2.3:9/v1"))
+    try:
+        text = upstreams.redact("Incorrect API key sk-very-secret for http://10.1.2.3:9/v1/chat")
+        assert "sk-very-secret" not in text and "10.1.2.3" not in text
+    finally:
+        upstreams.close()
+
+
+def test_settings_defaults() -> None:
+    settings = LlmSettings()
+    assert settings.bind == "127.0.0.1:8082" and settings.worker_class == "gevent"
+    assert settings.workers == 2 and settings.worker_connections == 2000
+    assert settings.database_url == "sqlite:///.run/llm.db"
+    assert (settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout) == (3, 60, 600)
+    assert "dev-fake-key" not in repr(settings)
