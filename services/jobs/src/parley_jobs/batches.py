@@ -1,0 +1,362 @@
+"""Batches: creation (batch, items and outbox event in one transaction), progress, cancellation, item results
+written once per item, and finalisation into output and error files exactly once."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from parley_kit.db import utcnow
+from parley_kit.errors import BadRequest, Conflict, NotFound
+from parley_kit.ids import new_id
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from . import files, outbox
+from .jsonl import parse_batch_file
+from .models import Batch, BatchItem, BatchStatus, ItemStatus
+
+COMPLETION_WINDOW = timedelta(hours=24)
+FINISHED = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+STOPPING = (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+INSERT_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Live `request_counts` of a batch."""
+
+    total: int
+    completed: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ItemWork:
+    """What a worker needs to run one item."""
+
+    item_id: str
+    batch_id: str
+    custom_id: str
+    endpoint: str
+    body: dict[str, Any]
+    owner: str
+    key_id: str | None
+    attempts: int
+
+
+def create_batch(
+    session: Session,
+    *,
+    owner: str,
+    key_id: str | None,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+    max_lines: int,
+) -> Batch:
+    """Create the batch, one item per input line, and the `batch.created` event, in the caller's transaction."""
+    file = files.get_file(session, owner=owner, file_id=input_file_id, with_content=True)
+    if file.purpose != files.BATCH:
+        raise BadRequest(
+            f"file {input_file_id} has purpose {file.purpose!r}, not 'batch'",
+            code="invalid_file",
+            param="input_file_id",
+        )
+    lines = parse_batch_file(file.content, max_lines=max_lines)
+    for line in lines:
+        if line.url != endpoint:
+            raise BadRequest(
+                f"line {line.line}: url {line.url} does not match the batch endpoint {endpoint}",
+                code="mismatched_endpoint",
+                param="endpoint",
+            )
+    now = utcnow()
+    batch = Batch(
+        id=new_id("batch"),
+        owner=owner,
+        key_id=key_id,
+        endpoint=endpoint,
+        model=lines[0].body.get("model"),
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        # The file was validated at upload (and again just now), so the batch starts running at once.
+        status=BatchStatus.IN_PROGRESS,
+        batch_metadata=metadata,
+        errors=None,
+        total=len(lines),
+        created_at=now,
+        in_progress_at=now,
+        expires_at=now + COMPLETION_WINDOW,
+    )
+    session.add(batch)
+    session.flush()
+    rows = [
+        {
+            "id": new_id("batch_req"),
+            "batch_id": batch.id,
+            "line": line.line,
+            "custom_id": line.custom_id,
+            "body": line.body,
+            "status": ItemStatus.PENDING,
+            "attempts": 0,
+        }
+        for line in lines
+    ]
+    for start in range(0, len(rows), INSERT_CHUNK):
+        session.execute(insert(BatchItem), rows[start : start + INSERT_CHUNK])
+    outbox.add_event(session, event_type=outbox.BATCH_CREATED, payload={"batch_id": batch.id})
+    session.flush()
+    return batch
+
+
+def get_batch(session: Session, *, owner: str, batch_id: str, lock: bool = False) -> Batch:
+    """The caller's batch, or 404 (another user's batch is not revealed)."""
+    query = select(Batch).where(Batch.id == batch_id, Batch.owner == owner)
+    if lock:
+        query = query.with_for_update()
+    batch = session.scalars(query).one_or_none()
+    if batch is None:
+        raise NotFound(f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id")
+    return batch
+
+
+def list_batches(session: Session, *, owner: str, limit: int, after: str | None) -> tuple[list[Batch], bool]:
+    """A page of the caller's batches, newest first, after the cursor; and whether more follow."""
+    query = select(Batch).where(Batch.owner == owner)
+    if after:
+        cursor = session.scalars(select(Batch).where(Batch.id == after, Batch.owner == owner)).one_or_none()
+        if cursor is None:
+            raise BadRequest(f"after: no such batch {after}", code="invalid_cursor", param="after")
+        query = query.where(
+            or_(Batch.created_at < cursor.created_at, and_(Batch.created_at == cursor.created_at, Batch.id < cursor.id))
+        )
+    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def request_counts(session: Session, batches: list[Batch]) -> dict[str, Counts]:
+    """Live counts for several batches in one query."""
+    ids = [batch.id for batch in batches]
+    finished: dict[tuple[str, str], int] = {}
+    if ids:
+        query = (
+            select(BatchItem.batch_id, BatchItem.status, func.count())
+            .where(BatchItem.batch_id.in_(ids), BatchItem.status.in_((ItemStatus.SUCCEEDED, ItemStatus.FAILED)))
+            .group_by(BatchItem.batch_id, BatchItem.status)
+        )
+        finished = {(batch_id, status): count for batch_id, status, count in session.execute(query)}
+    return {
+        batch.id: Counts(
+            total=batch.total,
+            completed=finished.get((batch.id, ItemStatus.SUCCEEDED), 0),
+            failed=finished.get((batch.id, ItemStatus.FAILED), 0),
+        )
+        for batch in batches
+    }
+
+
+def cancel_batch(session: Session, *, owner: str, batch_id: str) -> Batch:
+    """Stop a batch: items no worker has started are skipped; it is cancelled once the started ones finish."""
+    batch = get_batch(session, owner=owner, batch_id=batch_id, lock=True)
+    if batch.status in STOPPING:
+        return batch
+    if batch.status in FINISHED or batch.status == BatchStatus.FINALIZING:
+        raise Conflict(f"Cannot cancel a batch with status {batch.status!r}", code="batch_not_cancellable")
+    now = utcnow()
+    batch.status = BatchStatus.CANCELLING
+    batch.cancelling_at = now
+    # A started item (attempts > 0) is left to its worker; row locks order this against `start_item`'s UPDATE.
+    session.execute(
+        update(BatchItem)
+        .where(BatchItem.batch_id == batch.id, BatchItem.status == ItemStatus.PENDING, BatchItem.attempts == 0)
+        .values(status=ItemStatus.SKIPPED, finished_at=now)
+    )
+    session.flush()
+    return batch
+
+
+def start_item(session: Session, *, item_id: str) -> tuple[str | None, ItemWork | None]:
+    """Claim an attempt at an item: (its batch id, the work), with no work when there is nothing to run
+    (already finished, or its batch is being cancelled, in which case the item is skipped)."""
+    item = session.get(BatchItem, item_id)
+    if item is None:
+        return None, None
+    if item.status != ItemStatus.PENDING:
+        return item.batch_id, None
+    batch = session.get(Batch, item.batch_id)
+    assert batch is not None  # the foreign key guarantees it
+    if batch.status in STOPPING:
+        session.execute(
+            update(BatchItem)
+            .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
+            .values(status=ItemStatus.SKIPPED, finished_at=utcnow())
+        )
+        return batch.id, None
+    # Counting the attempt marks the item started, so a cancel arriving now leaves it to this worker.
+    attempts = session.execute(
+        update(BatchItem)
+        .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
+        .values(attempts=BatchItem.attempts + 1)
+        .returning(BatchItem.attempts)
+    ).scalar_one_or_none()
+    if attempts is None:
+        return batch.id, None
+    work = ItemWork(
+        item_id=item.id,
+        batch_id=batch.id,
+        custom_id=item.custom_id,
+        endpoint=batch.endpoint,
+        body=item.body,
+        owner=batch.owner,
+        key_id=batch.key_id,
+        attempts=attempts,
+    )
+    return batch.id, work
+
+
+def record_result(
+    session: Session,
+    *,
+    item_id: str,
+    succeeded: bool,
+    status_code: int | None = None,
+    request_id: str | None = None,
+    body: Any = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """Write an item's outcome once: a second delivery of the same item finds it finished and changes nothing."""
+    result = session.execute(
+        update(BatchItem)
+        .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
+        .values(
+            status=ItemStatus.SUCCEEDED if succeeded else ItemStatus.FAILED,
+            response_status=status_code,
+            request_id=request_id,
+            response_body=body,
+            error=error,
+            finished_at=utcnow(),
+        )
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def progress(session: Session, *, batch_id: str) -> tuple[int, int]:
+    """(finished items, total items) of a batch."""
+    pending = session.scalar(
+        select(func.count()).where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
+    )
+    total = session.scalar(select(Batch.total).where(Batch.id == batch_id)) or 0
+    return total - (pending or 0), total
+
+
+def finalize_if_done(session: Session, *, batch_id: str) -> str | None:
+    """When no item is pending, write the output and error files and end the batch; exactly once.
+
+    Call it in a transaction of its own, after the item's result committed: in the same transaction two workers
+    finishing the last two items could each still see the other's item pending, and nobody would finalise.
+    The conditional UPDATE on the status is the guard: of several workers only one moves the batch on.
+    """
+    pending = session.scalar(
+        select(func.count()).where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
+    )
+    if pending:
+        return None
+    now = utcnow()
+    status = session.scalar(select(Batch.status).where(Batch.id == batch_id))
+    if status == BatchStatus.IN_PROGRESS:
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
+            .values(status=BatchStatus.FINALIZING, finalizing_at=now)
+        )
+        final = BatchStatus.COMPLETED
+    elif status == BatchStatus.CANCELLING:
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.CANCELLING)
+            .values(status=BatchStatus.FINALIZING)
+        )
+        final = BatchStatus.CANCELLED
+    else:
+        return None
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    batch = session.get(Batch, batch_id, populate_existing=True)
+    assert batch is not None
+    _write_result_files(session, batch)
+    batch.status = final
+    if final == BatchStatus.COMPLETED:
+        batch.completed_at = now
+    else:
+        batch.cancelled_at = now
+    session.flush()
+    return final
+
+
+def output_line(item: BatchItem) -> dict[str, Any]:
+    """An item as OpenAI's `BatchRequestOutput` line."""
+    response = None
+    if item.response_status is not None:
+        response = {"status_code": item.response_status, "request_id": item.request_id, "body": item.response_body}
+    error = item.error
+    if item.status == ItemStatus.SKIPPED:
+        error = {"code": "batch_cancelled", "message": "The batch was cancelled before this request ran."}
+    return {"id": item.id, "custom_id": item.custom_id, "response": response, "error": error}
+
+
+def _write_result_files(session: Session, batch: Batch) -> None:
+    """Stream the items into the output (succeeded) and error (failed, skipped) files and sum the usage."""
+    output, errors = io.BytesIO(), io.BytesIO()
+    usage = {"input_tokens": 0, "cached_tokens": 0, "output_tokens": 0, "reasoning_tokens": 0}
+    items = session.scalars(
+        select(BatchItem)
+        .where(BatchItem.batch_id == batch.id)
+        .order_by(BatchItem.line)
+        .execution_options(yield_per=500)
+    )
+    for item in items:
+        target = output if item.status == ItemStatus.SUCCEEDED else errors
+        target.write(orjson.dumps(output_line(item)) + b"\n")
+        if item.status == ItemStatus.SUCCEEDED:
+            _add_usage(usage, item.response_body)
+    for buffer, suffix, attribute in ((output, "output", "output_file_id"), (errors, "error", "error_file_id")):
+        content = buffer.getvalue()
+        if content:
+            file = files.new_file(
+                owner=batch.owner, filename=f"{batch.id}_{suffix}.jsonl", purpose=files.BATCH_OUTPUT, content=content
+            )
+            session.add(file)
+            setattr(batch, attribute, file.id)
+    batch.input_tokens = usage["input_tokens"]
+    batch.cached_tokens = usage["cached_tokens"]
+    batch.output_tokens = usage["output_tokens"]
+    batch.reasoning_tokens = usage["reasoning_tokens"]
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _add_usage(totals: dict[str, int], body: Any) -> None:
+    """Add one response's usage, in whichever of the OpenAI or Anthropic shapes it came."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return
+    if "input_tokens" in usage:  # Anthropic Messages
+        totals["input_tokens"] += _number(usage.get("input_tokens")) + _number(usage.get("cache_read_input_tokens"))
+        totals["cached_tokens"] += _number(usage.get("cache_read_input_tokens"))
+        totals["output_tokens"] += _number(usage.get("output_tokens"))
+        return
+    totals["input_tokens"] += _number(usage.get("prompt_tokens"))
+    totals["output_tokens"] += _number(usage.get("completion_tokens"))
+    prompt_details = usage.get("prompt_tokens_details")
+    if isinstance(prompt_details, dict):
+        totals["cached_tokens"] += _number(prompt_details.get("cached_tokens"))
+    completion_details = usage.get("completion_tokens_details")
+    if isinstance(completion_details, dict):
+        totals["reasoning_tokens"] += _number(completion_details.get("reasoning_tokens"))

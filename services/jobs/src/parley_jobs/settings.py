@@ -1,0 +1,52 @@
+"""The jobs service's settings: one frozen object, read from `JOBS_*` (and the shared `PARLEY_*`) once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from parley_kit.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class JobsSettings(ServiceSettings):
+    """Files + Batch API and its RabbitMQ workers."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JOBS_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    service_name: str = "jobs"
+    bind: str = "127.0.0.1:8083"
+    worker_class: Literal["gevent", "gthread", "sync"] = "gthread"
+    threads: int = Field(8, ge=1, le=256)
+    workers: int = Field(2, ge=1, le=64)
+    database_url: str = "sqlite:///.run/jobs.db"
+
+    # The worker's service account at auth (client credentials); it acts for each batch's owner.
+    client_id: str = "jobs"
+    client_secret: str = "dev-insecure-jobs-secret"  # noqa: S105 - a placeholder, refused outside development
+
+    max_file_bytes: int = Field(200 * MIB, ge=1)
+    max_lines: int = Field(50_000, ge=1)
+    worker_prefetch: int = Field(8, ge=1, le=1000)
+    relay_interval: float = Field(0.2, gt=0)
+    delivery_limit: int = Field(5, ge=1)
+    item_timeout: float = Field(600.0, gt=0)
+
+    @property
+    def items_queue(self) -> str:
+        """The work queue every batch item goes through."""
+        return self.amqp_name("jobs.items")
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Where items that exhausted their deliveries go."""
+        return self.amqp_name("jobs.dlx")
+
+
+def load_settings() -> JobsSettings:
+    """Build the settings from the environment (called once per process)."""
+    return JobsSettings()

@@ -1,0 +1,202 @@
+"""The batch worker: runs each item through llm as the batch's owner, writes its result once, finalises batches.
+
+One process: the outbox relay in a thread, and a kit `Consumer` (prefetch `worker_prefetch`, handlers on a thread
+pool, ack after the handler's commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import orjson
+from parley_kit import logs
+from parley_kit.amqp import Consumer, Message, Publisher, Reject
+from parley_kit.db import Database
+from parley_kit.errors import ParleyError, UpstreamError
+from parley_kit.http import ServiceClient
+
+from . import batches, open_database
+from .credentials import ActAsRefused, ActingTokens
+from .relay import Relay, queue_declarer
+from .settings import JobsSettings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one item."""
+
+    succeeded: bool
+    status_code: int | None = None
+    request_id: str | None = None
+    body: Any = None
+    error: dict[str, Any] | None = None
+
+
+class ItemProcessor:
+    """Handles one `batch.item` message; safe to run twice for the same item (the write is conditional)."""
+
+    def __init__(
+        self, db: Database, llm: ServiceClient, tokens: ActingTokens, *, delivery_limit: int, item_timeout: float
+    ) -> None:
+        self._db = db
+        self._llm = llm
+        self._tokens = tokens
+        self._delivery_limit = delivery_limit
+        self._timeout = (CONNECT_TIMEOUT, item_timeout)
+
+    def handle(self, message: Message) -> None:
+        """Run the item unless it is finished or cancelled; raise to have it redelivered (transient failures)."""
+        item_id = message.data.get("item_id")
+        if not isinstance(item_id, str):
+            raise Reject("batch.item message without an item_id")
+        with self._db.transaction() as session:
+            batch_id, work = batches.start_item(session, item_id=item_id)
+        if batch_id is None:
+            log.warning("batch item not found; dropping its message", extra={"batch.item_id": item_id})
+            return
+        if work is not None:
+            last_attempt = message.delivery_count >= self._delivery_limit or work.attempts > self._delivery_limit
+            outcome = self._run(work, last_attempt=last_attempt)
+            with self._db.transaction() as session:
+                batches.record_result(
+                    session,
+                    item_id=item_id,
+                    succeeded=outcome.succeeded,
+                    status_code=outcome.status_code,
+                    request_id=outcome.request_id,
+                    body=outcome.body,
+                    error=outcome.error,
+                )
+        # Also for a redelivered, already finished item: its first worker may have died before finalising.
+        self.finish(batch_id)
+
+    def finish(self, batch_id: str) -> str | None:
+        """Log progress and end the batch if this was its last item (its own transaction, after the result's)."""
+        with self._db.transaction() as session:
+            done, total = batches.progress(session, batch_id=batch_id)
+            final = batches.finalize_if_done(session, batch_id=batch_id)
+        log.info(
+            "batch progress %d/%d",
+            done,
+            total,
+            extra={"batch.id": batch_id, "batch.done": done, "batch.total": total},
+        )
+        if final:
+            log.info("batch %s", final, extra={"batch.id": batch_id, "batch.status": final})
+        return final
+
+    def _run(self, work: batches.ItemWork, *, last_attempt: bool) -> Outcome:
+        """Call llm; a transient failure raises unless this is the last delivery, which records it as failed."""
+        try:
+            return self._call(work)
+        except ActAsRefused as exc:
+            return Outcome(False, error={"code": "owner_unauthorized", "message": str(exc)})
+        except ParleyError as exc:  # llm answered 5xx (the answer is the line), or llm/auth unreachable
+            if not last_attempt:
+                raise
+            log.warning(
+                "batch item failed on its last attempt",
+                extra={"batch.id": work.batch_id, "batch.item_id": work.item_id, "error.type": type(exc).__name__},
+            )
+            if isinstance(exc, _ServerError):
+                return exc.outcome
+            return Outcome(False, error={"code": exc.code, "message": exc.detail})
+
+    def _call(self, work: batches.ItemWork) -> Outcome:
+        token = self._tokens.for_user(work.owner, work.key_id)
+        response = self._llm.request(
+            "POST",
+            work.endpoint,
+            json=work.body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=self._timeout,
+        )
+        body = _decode(response.data)
+        outcome = Outcome(
+            response.status < 400,
+            status_code=response.status,
+            request_id=response.headers.get("x-request-id"),
+            body=body,
+        )
+        if response.status == 401:
+            # The act-as token was refused (expired or revoked keys): fetch a fresh one on the next delivery.
+            self._tokens.forget(work.owner, work.key_id)
+            raise _ServerError(outcome)
+        if response.status >= 500:
+            raise _ServerError(outcome)
+        return outcome
+
+
+class _ServerError(UpstreamError):
+    """llm answered 5xx (or refused our token): retry; on the last attempt the answer itself is the line."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"the llm service answered {outcome.status_code}")
+        self.outcome = outcome
+
+
+def _decode(data: bytes) -> Any:
+    """A JSON response body, or the text wrapped as an error body when llm sent something else."""
+    try:
+        return orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return {"error": {"message": data[:1000].decode("utf-8", "replace"), "type": "server_error"}}
+
+
+def build_processor(settings: JobsSettings, db: Database) -> ItemProcessor:
+    """An ItemProcessor wired to llm and auth from the settings."""
+    llm = ServiceClient(
+        settings.llm_url, name="llm", read_timeout=settings.item_timeout, max_connections=settings.worker_prefetch
+    )
+    auth = ServiceClient(settings.auth_url, name="auth", read_timeout=10.0, max_connections=4)
+    tokens = ActingTokens(auth, client_id=settings.client_id, client_secret=settings.client_secret)
+    return ItemProcessor(db, llm, tokens, delivery_limit=settings.delivery_limit, item_timeout=settings.item_timeout)
+
+
+def run_worker(settings: JobsSettings) -> None:
+    """Run the relay and the consumer until SIGTERM or SIGINT."""
+    logs.configure(
+        settings.service_name,
+        settings.version,
+        settings.environment,
+        settings.log_level,
+        settings.logstash_host,
+        settings.logstash_port,
+    )
+    db = open_database(settings)
+    declare = queue_declarer(settings)
+    relay = Relay(
+        db,
+        Publisher(settings.amqp_url, declare=declare),
+        queue=settings.items_queue,
+        interval=settings.relay_interval,
+    )
+    processor = build_processor(settings, db)
+    consumer = Consumer(
+        settings.amqp_url, processor.handle, declare=declare, prefetch=settings.worker_prefetch, name="jobs-items"
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping the worker", extra={"signal": signal.Signals(signum).name})
+        consumer.stop()
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    relay_thread = relay.start_in_thread()
+    log.info("jobs worker started", extra={"queue": settings.items_queue})
+    try:
+        consumer.run()
+    finally:
+        relay.stop()
+        relay_thread.join(timeout=10)
+        db.dispose()
+        logs.shutdown()

@@ -1,0 +1,124 @@
+"""The outbox relay against real PostgreSQL and RabbitMQ: every pending item of a new batch reaches the queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pika
+import pytest
+from flask.testing import FlaskClient
+from parley_jobs import outbox
+from parley_jobs.models import BatchItem, OutboxEvent
+from parley_jobs.relay import Relay, queue_declarer
+from parley_jobs.settings import JobsSettings
+from parley_kit.amqp import Publisher
+from parley_kit.db import Database
+from sqlalchemy import select
+
+
+@pytest.fixture
+def relay(settings: JobsSettings, db: Database, amqp_url: str) -> Iterator[Relay]:
+    """A relay publishing to this test's own queue (deleted afterwards)."""
+    publisher = Publisher(settings.amqp_url, declare=queue_declarer(settings))
+    yield Relay(db, publisher, queue=settings.items_queue, interval=0.05)
+    publisher.close()
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.queue_delete(settings.items_queue)
+    channel.queue_delete(f"{settings.items_queue}.dead")
+    channel.exchange_delete(settings.dead_letter_exchange)
+    connection.close()
+
+
+def drain(amqp_url: str, settings: JobsSettings) -> list[tuple[Any, dict[str, Any]]]:
+    """Every message now in the items queue (declared here if nothing was published yet), as (properties, envelope)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    queue = queue_declarer(settings)(channel)
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        messages.append((properties, orjson.loads(body)))
+    connection.close()
+    return messages
+
+
+def pending_ids(db: Database, batch_id: str) -> list[str]:
+    with db.transaction() as session:
+        query = select(BatchItem.id).where(BatchItem.batch_id == batch_id).order_by(BatchItem.line)
+        return list(session.scalars(query))
+
+
+def test_the_relay_publishes_every_pending_item(
+    relay: Relay, settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str
+) -> None:
+    batch = make_batch(3)
+    assert relay.run_once() == 1
+    assert relay.run_once() == 0  # published events are not sent again
+    messages = drain(amqp_url, settings)
+    assert [envelope["data"] for _, envelope in messages] == [{"item_id": i} for i in pending_ids(db, batch["id"])]
+    for properties, envelope in messages:
+        assert envelope["type"] == "batch.item"
+        assert properties.delivery_mode == 2  # persistent
+        assert properties.message_id == envelope["data"]["item_id"]
+    with db.transaction() as session:
+        (event,) = session.scalars(select(OutboxEvent)).all()
+        assert event.published_at is not None
+
+
+def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(
+    relay: Relay, settings: JobsSettings, make_batch: Callable, amqp_url: str
+) -> None:
+    make_batch(1)
+    relay.run_once()
+    channel = pika.BlockingConnection(pika.URLParameters(amqp_url)).channel()
+    # Redeclaring with the same arguments succeeds only if they match what the relay declared.
+    channel.queue_declare(
+        settings.items_queue,
+        durable=True,
+        passive=False,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": settings.dead_letter_exchange,
+            "x-dead-letter-routing-key": settings.items_queue,
+            "x-delivery-limit": settings.delivery_limit,
+        },
+    )
+    assert channel.queue_declare(settings.items_queue, passive=True).method.message_count == 1
+    channel.connection.close()
+
+
+def test_items_cancelled_before_the_relay_ran_are_not_published(
+    relay: Relay, settings: JobsSettings, client: FlaskClient, auth: Callable, make_batch: Callable, amqp_url: str
+) -> None:
+    batch = make_batch(2)
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth()).json["status"] == "cancelled"
+    assert relay.run_once() == 1
+    assert drain(amqp_url, settings) == []
+
+
+def test_an_event_locked_by_another_relay_is_skipped(
+    relay: Relay, settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str
+) -> None:
+    make_batch(2)
+    with db.transaction() as other:  # another relay holds the row
+        assert len(outbox.claim_unpublished(other, limit=10)) == 1
+        assert relay.run_once() == 0
+    assert relay.run_once() == 1
+    assert len(drain(amqp_url, settings)) == 2
+
+
+def test_a_failed_publish_leaves_the_event_for_the_next_pass(
+    settings: JobsSettings, db: Database, make_batch: Callable
+) -> None:
+    make_batch(1)
+    unreachable = Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
+    relay = Relay(db, unreachable, queue=settings.items_queue, interval=0.05)
+    with pytest.raises(Exception, match="unreachable"):
+        relay.run_once()
+    with db.transaction() as session:
+        assert session.scalars(select(OutboxEvent.published_at)).all() == [None]
