@@ -129,11 +129,7 @@ def apply(base: Knobs, overrides: Mapping[str, Any]) -> Knobs:
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """Knob values from ``FAKE_PROVIDER_<NAME>`` variables (other variables are ignored)."""
-    return {
-        name: parse(name, environ[key])
-        for name in PARSERS
-        if (key := f"FAKE_PROVIDER_{name.upper()}") in environ
-    }
+    return {name: parse(name, environ[key]) for name in PARSERS if (key := f"FAKE_PROVIDER_{name.upper()}") in environ}
 
 
 def from_headers(environ: Mapping[str, Any]) -> dict[str, Any]:

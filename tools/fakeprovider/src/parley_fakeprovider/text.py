@@ -150,4 +150,3 @@ def embedding(text: str, dimensions: int) -> tuple[list[float], str]:
     packed = struct.pack(f"<{dimensions}f", *(v / norm for v in values))
     # Round-trip through float32 so the float and base64 forms carry identical numbers.
     return list(struct.unpack(f"<{dimensions}f", packed)), b64encode(packed).decode()
-
