@@ -9,6 +9,8 @@ from parley_kit import metrics
 accesslog = None  # the app writes ECS access lines itself
 keepalive = 75  # longer than the gateway's idle pool timeout, so pooled connections are not cut under it
 graceful_timeout = 30
+# gunicorn 27 opens a control socket at one path per user: several services on one host would clash over it.
+control_socket_disable = True
 
 
 def child_exit(_server: Any, worker: Any) -> None:
