@@ -1,0 +1,20 @@
+"""The gateway's own metrics (defined once at import: a second registration would raise in multiprocess mode)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# The gateway's own time is sub-millisecond: buckets start at 50 µs.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+GATEWAY_OVERHEAD = Histogram(
+    "parley_gateway_overhead_seconds",
+    "Time spent in the gateway itself per proxied request, excluding waiting on auth and the upstream.",
+    ["upstream"],
+    buckets=OVERHEAD_BUCKETS,
+)
+AUTH_FAILURES = Counter(
+    "parley_gateway_auth_failures_total",
+    "Requests refused at the edge for missing or invalid credentials, by reason.",
+    ["reason"],
+)
