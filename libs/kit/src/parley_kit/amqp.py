@@ -18,7 +18,14 @@ from typing import Any
 import orjson
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError, NackError, UnroutableError
+from pika.exceptions import (
+    AMQPChannelError,
+    AMQPConnectionError,
+    AMQPError,
+    ChannelClosedByBroker,
+    NackError,
+    UnroutableError,
+)
 
 from . import tracing
 from .ids import new_id
@@ -147,6 +154,10 @@ class Publisher:
                 return message_id
             except (UnroutableError, NackError) as exc:
                 raise PublishFailed(f"broker refused {message_type} to {exchange}/{routing_key}") from exc
+            except ChannelClosedByBroker as exc:
+                # A missing exchange or a permission error: a new connection would fail the same way.
+                self.close()
+                raise PublishFailed(f"broker closed the channel: {exc.reply_code} {exc.reply_text}") from exc
             except (AMQPError, OSError) as exc:
                 self.close()
                 if attempt == 2:
@@ -243,6 +254,10 @@ class Consumer:
             channel.basic_qos(prefetch_count=self._prefetch)
 
             def on_message(ch: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+                if self._stop.is_set():
+                    # Arrived while stopping (the pool may be shut already): left unacked, the broker requeues it
+                    # when the connection closes.
+                    return
                 pool.submit(self._handle, connection, ch, method.delivery_tag, properties, body, method.redelivered)
 
             channel.basic_consume(queue, on_message)

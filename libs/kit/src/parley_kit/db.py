@@ -26,7 +26,7 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Stores aware UTC datetimes; SQLite hands back naive ones, which are UTC by construction."""
+    """Stores aware datetimes as UTC and hands them back in UTC (SQLite's naive values are UTC by construction)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -37,9 +37,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        # PostgreSQL answers in the session's time zone, which a server or role setting may make non-UTC.
+        return value.astimezone(UTC)
 
 
 def make_metadata() -> MetaData:

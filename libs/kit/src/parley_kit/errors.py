@@ -148,7 +148,13 @@ def error_body(shape: ErrorShape, error: ParleyError) -> dict[str, Any]:
     if shape is ErrorShape.ANTHROPIC:
         return {
             "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"), "message": error.detail},
+            "error": {
+                # A client error outside the table (405, 415, ...) is the client's fault, not Anthropic's api_error.
+                "type": _ANTHROPIC_TYPES.get(
+                    error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+                ),
+                "message": error.detail,
+            },
         }
     body: dict[str, Any] = {
         "type": "about:blank",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import queue
 import socket
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any
@@ -71,7 +73,14 @@ class LogstashEcsFormatter(EcsFormatter):
 
 
 class _TraceCapturingQueueHandler(logging.handlers.QueueHandler):
-    """Formats on the caller's thread so the trace context (a contextvar) is captured before queueing."""
+    """Captures the trace context (a contextvar) on the caller's thread before queueing."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """Queue the record, or drop it when the queue is full: a request never waits on Logstash."""
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            pass  # the default would print a traceback to stderr for every record dropped
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         """Attach the caller's trace ids; the listener thread has no context of its own."""
@@ -79,6 +88,23 @@ class _TraceCapturingQueueHandler(logging.handlers.QueueHandler):
         if context is not None and "trace.id" not in vars(record):
             record.__dict__.update({"trace.id": context.trace_id, "span.id": context.span_id})
         return record
+
+
+class _BoundedQueueListener(logging.handlers.QueueListener):
+    """A listener whose `stop()` gives the backlog a few seconds to drain, then drops it, even with a full queue."""
+
+    drain_seconds = 5.0
+
+    def enqueue_sentinel(self) -> None:
+        """Queue the stop marker; the stdlib's `put_nowait` raises `queue.Full` when Logstash has stalled."""
+        deadline = time.monotonic() + self.drain_seconds
+        while not self.queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+                self.queue.task_done()
+        self.queue.put(self._sentinel, timeout=self.drain_seconds)
 
 
 def _nest(doc: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +126,20 @@ def _nest(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 _listener: logging.handlers.QueueListener | None = None
+_queue_handler: logging.Handler | None = None
+
+
+def _stop_shipping() -> None:
+    """Stop the Logstash listener (flushing its queue) and close the TCP connection it holds."""
+    global _listener, _queue_handler
+    if _queue_handler is not None:
+        logging.getLogger().removeHandler(_queue_handler)
+        _queue_handler = None
+    if _listener is not None:
+        _listener.stop()
+        for handler in _listener.handlers:
+            handler.close()
+        _listener = None
 
 
 def configure(
@@ -111,13 +151,11 @@ def configure(
     logstash_port: int = 5000,
 ) -> None:
     """Route all logging to ECS JSON on stdout, plus Logstash when an address is given."""
-    global _listener
+    global _listener, _queue_handler
+    _stop_shipping()
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(EcsFormatter(service_name, version, environment))
     root.addHandler(stdout)
@@ -128,8 +166,9 @@ def configure(
         shipper.setFormatter(LogstashEcsFormatter(service_name, version, environment))
         # python-logstash sends on the caller's thread with a connect timeout: a queue keeps requests from waiting.
         log_queue: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
-        root.addHandler(_TraceCapturingQueueHandler(log_queue))
-        _listener = logging.handlers.QueueListener(log_queue, shipper, respect_handler_level=True)
+        _queue_handler = _TraceCapturingQueueHandler(log_queue)
+        root.addHandler(_queue_handler)
+        _listener = _BoundedQueueListener(log_queue, shipper, respect_handler_level=True)
         _listener.start()
     root.setLevel(level.upper())
     for noisy in ("pika", "urllib3", "httpx", "httpx2", "httpcore", "openai", "anthropic", "alembic"):
@@ -137,8 +176,5 @@ def configure(
 
 
 def shutdown() -> None:
-    """Flush the Logstash queue (at process exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    """Flush the Logstash queue and close its connection (at process exit); stdout logging goes on."""
+    _stop_shipping()

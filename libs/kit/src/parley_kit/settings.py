@@ -19,7 +19,10 @@ class ServiceSettings(BaseSettings):
     that service's own fields.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True, populate_by_name=True)
+    # hide_input_in_errors: a start-up validation error would otherwise print the raw inputs, secrets included.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True
+    )
 
     service_name: str = "parley"
     environment: Literal["development", "test", "production"] = Field("development", alias="PARLEY_ENV")

@@ -88,11 +88,12 @@ class TokenVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = threading.Lock()
-        self._verified: dict[str, Identity] = {}
+        # Keyed by (expected type, token): a token verified as one type must never pass as another from the cache.
+        self._verified: dict[tuple[str, str], Identity] = {}
 
     def verify(self, token: str, *, expected_type: str = ACCESS) -> Identity:
         """Return the token's identity or raise Unauthorized with a reason safe to show."""
-        known = self._verified.get(token)
+        known = self._verified.get((expected_type, token))
         if known is not None and known.expires_at + self._leeway > time.time():
             return known
         try:
@@ -119,7 +120,7 @@ class TokenVerifier:
         if claims.get("typ") != expected_type:
             raise Unauthorized("wrong token type", code="invalid_token")
         identity = identity_from_claims(claims)
-        self._remember(token, identity)
+        self._remember((expected_type, token), identity)
         return identity
 
     def _key(self, kid: object) -> jwt.PyJWK:
@@ -151,13 +152,13 @@ class TokenVerifier:
             except Exception:
                 log.warning("could not refresh the JWKS", exc_info=True)
 
-    def _remember(self, token: str, identity: Identity) -> None:
+    def _remember(self, key: tuple[str, str], identity: Identity) -> None:
         if len(self._verified) >= self._cache_size:
             now = time.time()
             self._verified = {t: i for t, i in self._verified.items() if i.expires_at > now}
             if len(self._verified) >= self._cache_size:
                 self._verified.pop(next(iter(self._verified)))
-        self._verified[token] = identity
+        self._verified[key] = identity
 
     def forget_all(self) -> None:
         """Drop every remembered verification (e.g. after a revocation event)."""

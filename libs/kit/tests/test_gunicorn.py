@@ -1,0 +1,92 @@
+"""Metrics under a real gunicorn with two workers, started through the kit's `serve` command."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import urllib3
+from parley_kit.testing import ServiceProcess, free_port, python_module
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROUTE = "/v1/items/<item_id>"
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The sample service under gunicorn (2 sync workers); yields its base URL and metrics directory."""
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "stale.db").write_bytes(b"left by a previous run")  # `serve` must empty the directory
+    process = ServiceProcess(
+        "kitsample",
+        python_module("kit_sample_app", "serve"),
+        env={
+            "PYTHONPATH": str(TESTS_DIR),
+            "KITSAMPLE_BIND": f"127.0.0.1:{port}",
+            "KITSAMPLE_WORKERS": "2",
+            "KITSAMPLE_WORKER_CLASS": "sync",
+            "KITSAMPLE_METRICS_DIR": str(metrics_dir),
+            "KITSAMPLE_ITEM_DELAY_S": "0.05",
+            "PARLEY_ENV": "test",
+        },
+        log_dir=tmp_path,
+        ready_url=f"http://127.0.0.1:{port}/livez",
+        cwd=tmp_path,
+    )
+    process.start()
+    try:
+        yield f"http://127.0.0.1:{port}", metrics_dir
+    finally:
+        process.stop()
+
+
+def scrape_counts(text: str) -> dict[tuple[str, str], float]:
+    """(route, status) → request count from one exposition text."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("http_server_request_duration_seconds_count{"):
+            route = re.search(r'http_route="([^"]*)"', line)[1]  # type: ignore[index]
+            status = re.search(r'http_response_status_code="([^"]*)"', line)[1]  # type: ignore[index]
+            counts[(route, status)] = counts.get((route, status), 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_requests_over_both_workers_are_counted_in_one_scrape(served: tuple[str, Path]) -> None:
+    base, metrics_dir = served
+    assert not (metrics_dir / "stale.db").exists()
+    # A fresh connection per request (no keep-alive) lets either worker accept it; the handler's short delay
+    # keeps one sync worker busy, so concurrent requests must spread over both.
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=10), retries=False)
+
+    def get(number: int) -> int:
+        response = http.request("GET", f"{base}/v1/items/item-{number}", headers={"Connection": "close"})
+        assert response.status == 200
+        return response.json()["pid"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pids = list(pool.map(get, range(60)))
+    assert len(set(pids)) == 2, "the requests did not reach both workers"
+    for number in range(3):
+        assert http.request("GET", f"{base}/v1/nothing-{number}").status == 404
+
+    text = http.request("GET", f"{base}/metrics").data.decode()
+    counts = scrape_counts(text)
+    assert counts[(ROUTE, "200")] == 60
+    assert counts[("unmatched", "404")] == 3
+    assert "item-1" not in text and "nothing-1" not in text  # the template, never the raw path
+    assert {file.name.split("_")[0] for file in metrics_dir.glob("*.db")} >= {"histogram"}
+
+
+def test_probes_under_gunicorn(served: tuple[str, Path]) -> None:
+    base, _ = served
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=10), retries=False)
+    assert http.request("GET", f"{base}/livez").json() == {"status": "ok"}
+    ready = http.request("GET", f"{base}/readyz")
+    assert ready.status == 200 and ready.json()["status"] == "ok"
+    failing = http.request("GET", f"{base}/v1/items/boom")
+    assert failing.status == 500 and failing.headers["content-type"] == "application/problem+json"
