@@ -70,7 +70,7 @@ def test_anthropic_sdk_message(platform: RunningPlatform, client: Client) -> Non
     """The Anthropic SDK with x-api-key gets a message from an Anthropic-routed model."""
     sdk = anthropic.Anthropic(base_url=platform.gateway, api_key=client.api_key, max_retries=0, timeout=30)
     message = sdk.messages.create(
-        model="claude-3-5-haiku-latest", max_tokens=32, messages=[{"role": "user", "content": "Hello Claude"}]
+        model="claude-haiku-4-5", max_tokens=32, messages=[{"role": "user", "content": "Hello Claude"}]
     )
     assert message.type == "message"
     assert message.content[0].type == "text" and message.content[0].text
