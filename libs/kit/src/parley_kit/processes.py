@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from signal import SIGKILL, SIGTERM
 
 import urllib3
 
@@ -44,14 +44,18 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         """Start and wait until its readiness URL answers 200 (or it dies, which fails with its log)."""
+        self.launch()
+        if self.ready_url:
+            self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (to start several at once)."""
         log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.argv, env=self.env, cwd=self.cwd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
         log_file.close()
-        if self.ready_url:
-            self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll the readiness URL until it answers 200."""
@@ -78,15 +82,19 @@ class ServiceProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signum)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left."""
+    def stop(self, timeout: float = 10.0, signum: int = SIGTERM) -> None:
+        """Signal the process group (SIGTERM: graceful), then SIGKILL what is left after `timeout`."""
+        self.signal(signum)
+        self.wait_stopped(timeout)
+
+    def wait_stopped(self, timeout: float) -> None:
+        """Wait for the process to end; SIGKILL its group if it has not by then."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
+            self.signal(SIGKILL)
             self.process.wait(5)
 
 
