@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from parley_kit import logs, tracing
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from parley_kit.db import UTCDateTime, make_metadata
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from parley_kit.db import UTCDateTime, make_metadata
 
 
 class Base(DeclarativeBase):

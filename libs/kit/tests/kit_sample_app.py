@@ -6,12 +6,13 @@ import os
 import time
 
 from flask_openapi3 import APIBlueprint
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
 from parley_kit.app import create_service_app
 from parley_kit.cli import service_cli
 from parley_kit.errors import Conflict, ErrorShape
 from parley_kit.settings import ServiceSettings
-from pydantic import BaseModel, Field
-from pydantic_settings import SettingsConfigDict
 
 
 class SampleSettings(ServiceSettings):

@@ -16,8 +16,9 @@ from datetime import datetime
 
 import pika
 import pytest
-from parley_kit import amqp, tracing
 from pika.adapters.blocking_connection import BlockingChannel
+
+from parley_kit import amqp, tracing
 
 
 @dataclass

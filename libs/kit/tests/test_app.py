@@ -7,9 +7,10 @@ import json
 import pytest
 from flask.testing import FlaskClient
 from kit_sample_app import SampleSettings, create_app
+from prometheus_client import REGISTRY
+
 from parley_kit import tracing
 from parley_kit.health import Health
-from prometheus_client import REGISTRY
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 

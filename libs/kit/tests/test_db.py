@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from kit_models import Base, Event
-from parley_kit.db import Database, upgrade, utcnow
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
+
+from parley_kit.db import Database, ensure_sqlite_directory, upgrade, utcnow
 
 MIGRATIONS = Path(__file__).resolve().parent / "kit_migrations"
 
@@ -105,9 +106,7 @@ def test_check_passes_on_a_live_database(database: Database) -> None:
     database.check()
 
 
-def test_check_fails_on_a_missing_database(tmp_path: Path, postgres) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(OperationalError):
-        Database(f"sqlite:///{tmp_path / 'missing' / 'x.db'}").check()
+def test_check_fails_on_a_missing_database(postgres) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy.engine import make_url
 
     url = make_url(postgres.admin_url).set(database="parley_no_such_database").render_as_string(hide_password=False)
@@ -157,3 +156,12 @@ def test_postgres_session_in_another_time_zone_still_gives_utc(postgres) -> None
     assert stored == instant
     assert stored.utcoffset() == timedelta(0)
     db.dispose()
+
+
+def test_sqlite_folder_is_created(tmp_path: Path) -> None:
+    """SQLite creates its file but not the folder: the kit makes it, and leaves other URLs alone."""
+    ensure_sqlite_directory(f"sqlite:///{tmp_path}/deep/run/auth.db")
+    assert (tmp_path / "deep" / "run").is_dir()
+    ensure_sqlite_directory("postgresql+psycopg://x@127.0.0.1/db")
+    Database(f"sqlite:///{tmp_path}/other/x.db").check()
+    assert (tmp_path / "other" / "x.db").exists()

@@ -7,9 +7,10 @@ import json
 import pytest
 from flask.testing import FlaskClient
 from kit_sample_app import SampleSettings, create_app, shape_for_path
+from pydantic import BaseModel, ValidationError
+
 from parley_kit import errors
 from parley_kit.errors import ErrorShape
-from pydantic import BaseModel, ValidationError
 
 
 def test_openai_shape() -> None:

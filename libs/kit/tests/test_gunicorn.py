@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import urllib3
+
 from parley_kit.testing import ServiceProcess, free_port, python_module
 
 TESTS_DIR = Path(__file__).resolve().parent

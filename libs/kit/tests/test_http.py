@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from parley_kit import tracing
 from parley_kit.errors import GatewayTimeout, ServiceUnavailable, UpstreamError
 from parley_kit.http import ServiceClient

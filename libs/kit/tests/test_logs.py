@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from parley_kit import logs, tracing
 from parley_kit.testing import free_port
 

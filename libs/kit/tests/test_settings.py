@@ -6,9 +6,10 @@ import os
 import tempfile
 
 import pytest
-from parley_kit.settings import PLACEHOLDER_PREFIX, ServiceSettings
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
+
+from parley_kit.settings import PLACEHOLDER_PREFIX, ServiceSettings
 
 
 class XSettings(ServiceSettings):

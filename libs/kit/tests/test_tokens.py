@@ -15,6 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flask import Flask
+
 from parley_kit import tokens
 from parley_kit.errors import Unauthorized
 from parley_kit.testing import TokenMint

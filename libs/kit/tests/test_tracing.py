@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from parley_kit import tracing
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

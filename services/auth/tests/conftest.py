@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+
 from parley_auth import create_app
 from parley_auth.settings import AuthSettings
 from parley_kit.db import upgrade

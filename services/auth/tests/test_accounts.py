@@ -8,10 +8,11 @@ from typing import Any
 
 import jwt
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
 from parley_auth import create_app
 from parley_auth.models import RefreshToken, SigningKey, User
 from parley_auth.settings import AuthSettings
-from sqlalchemy import func, select
 
 
 def auth(token: str) -> dict[str, str]:

@@ -8,8 +8,9 @@ from typing import Any
 
 import jwt
 from flask.testing import FlaskClient
-from parley_auth.models import ApiKey, Base
 from sqlalchemy import select
+
+from parley_auth.models import ApiKey, Base
 
 
 def auth(token: str) -> dict[str, str]:

@@ -10,10 +10,11 @@ import orjson
 import pika
 import pytest
 from flask.testing import FlaskClient
+from pika.adapters.blocking_connection import BlockingChannel
+
 from parley_auth import create_app
 from parley_auth.settings import AuthSettings
 from parley_kit.testing import free_port
-from pika.adapters.blocking_connection import BlockingChannel
 
 
 def auth(token: str) -> dict[str, str]:

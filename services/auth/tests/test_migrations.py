@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from parley_auth.models import Base
 from sqlalchemy import create_engine
+
+from parley_auth.models import Base
 
 
 def test_migrations_match_the_models(auth_db_url: str) -> None:

@@ -24,12 +24,13 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
 from parley_auth.models import SigningKey
 from parley_kit.errors import Unauthorized
 from parley_kit.testing import ServiceProcess, free_port, python_module
 from parley_kit.tokens import TokenVerifier
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
 pytestmark = pytest.mark.integration
 

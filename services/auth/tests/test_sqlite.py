@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+
 from parley_auth import create_app
 from parley_auth.settings import AuthSettings
 from parley_kit.db import upgrade
@@ -20,7 +21,6 @@ def test_flow_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         service_clients={"gateway": "sqlite-test-secret-0123"},
         amqp_url="amqp://guest:guest@127.0.0.1:9/%2F",
     )
-    settings.prepare_database_dir()
     upgrade(MIGRATIONS, settings.database_url)
     app = create_app(settings)
     client = app.test_client()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from parley_auth.service import (
     API_KEY_PREFIX,
     dummy_hash,
@@ -15,7 +16,6 @@ from parley_auth.service import (
     password_hasher,
 )
 from parley_auth.settings import AuthSettings
-from pydantic import ValidationError
 
 
 def test_defaults_match_the_design() -> None:
@@ -68,12 +68,6 @@ def test_placeholders_are_refused_outside_development() -> None:
 def test_bad_settings_stop_start_up(overrides: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AuthSettings(_env_file=None, **overrides)
-
-
-def test_sqlite_folder_is_created(tmp_path: Path) -> None:
-    AuthSettings(_env_file=None, database_url=f"sqlite:///{tmp_path}/deep/run/auth.db").prepare_database_dir()
-    assert (tmp_path / "deep" / "run").is_dir()
-    AuthSettings(_env_file=None, database_url="postgresql+psycopg://x@127.0.0.1/db").prepare_database_dir()
 
 
 def test_api_keys_have_256_random_bits_and_a_peppered_hash() -> None:

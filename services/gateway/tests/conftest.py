@@ -12,6 +12,7 @@ import orjson
 import pytest
 import urllib3
 from flask.testing import FlaskClient
+
 from parley_gateway import GatewaySettings, create_app
 from parley_kit.testing import DEFAULT_AMQP, ServiceProcess, TokenMint, free_port, python_module
 

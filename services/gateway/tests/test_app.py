@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import orjson
 from flask.testing import FlaskClient
+
 from parley_gateway import GatewaySettings, create_app
 from parley_kit.testing import TokenMint, free_port
 

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pika
 import pytest
+
 from parley_gateway import GatewaySettings, create_app
 from parley_kit.amqp import Publisher
 from parley_kit.testing import TokenMint

@@ -11,6 +11,7 @@ import openai
 import orjson
 import pytest
 import urllib3
+
 from parley_kit.testing import TokenMint
 
 CHAT = "/v1/chat/completions"

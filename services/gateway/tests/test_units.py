@@ -6,6 +6,7 @@ import io
 import time
 
 import pytest
+
 from parley_gateway import routing
 from parley_gateway.credentials import (
     CredentialKind,

@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import text
+
 from parley_jobs import MIGRATIONS, create_app
 from parley_jobs.settings import JobsSettings
 from parley_kit.db import Database, upgrade
 from parley_kit.testing import TokenMint
-from sqlalchemy import text
 
 TABLES = ("batch_items", "batches", "files", "outbox")
 

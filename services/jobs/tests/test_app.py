@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from flask.testing import FlaskClient
+
 from parley_jobs import create_app
 from parley_jobs.settings import JobsSettings
 

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
 from parley_jobs import batches
 from parley_jobs.models import Batch, BatchItem, OutboxEvent
 from parley_kit.db import Database
-from sqlalchemy import func, select
 
 from .conftest import chat_line, jsonl
 from .test_files_api import assert_openai_error

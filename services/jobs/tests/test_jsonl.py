@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from parley_jobs.jsonl import parse_batch_file
 from parley_kit.errors import BadRequest
 

@@ -9,13 +9,14 @@ import orjson
 import pika
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
+
 from parley_jobs import outbox
 from parley_jobs.models import BatchItem, OutboxEvent
 from parley_jobs.relay import Relay, queue_declarer
 from parley_jobs.settings import JobsSettings
 from parley_kit.amqp import Publisher
 from parley_kit.db import Database
-from sqlalchemy import select
 
 
 @pytest.fixture

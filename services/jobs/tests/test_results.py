@@ -9,10 +9,11 @@ from typing import Any
 import orjson
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
 from parley_jobs import batches
 from parley_jobs.models import BatchItem, File
 from parley_kit.db import Database
-from sqlalchemy import func, select
 
 from .test_files_api import assert_openai_error
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from parley_jobs.settings import JobsSettings
 from parley_kit.testing import ServiceProcess, TokenMint, free_port, python_module
 

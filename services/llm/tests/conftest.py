@@ -6,11 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+
 from parley_kit.db import upgrade
 from parley_kit.testing import ServiceProcess, TokenMint, free_port, python_module
 from parley_llm import MIGRATIONS_DIR, create_app
 from parley_llm.settings import LlmSettings
-from sqlalchemy import create_engine, text
 
 PROVIDER_KEY = "canary-provider-key-7f3a9c1e5b"
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+
 from parley_kit.testing import free_port
 
 CHAT = "/v1/chat/completions"

@@ -10,10 +10,11 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from sqlalchemy import create_engine, text
+
 from parley_kit.db import upgrade
 from parley_kit.testing import ServiceProcess, free_port, python_module
 from parley_llm import MIGRATIONS_DIR
-from sqlalchemy import create_engine, text
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from parley_kit.errors import ErrorShape
 from parley_llm import shape_for_path
 from parley_llm.catalog import CatalogError, load_catalog

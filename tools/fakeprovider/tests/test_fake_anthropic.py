@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import anthropic
 import pytest
+
 from parley_fakeprovider import count_tokens
 
 if TYPE_CHECKING:

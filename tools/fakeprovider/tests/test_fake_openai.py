@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import openai
 import pytest
+
 from parley_fakeprovider import count_tokens
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import base64
 import struct
 
 import pytest
+
 from parley_fakeprovider import count_tokens
 from parley_fakeprovider import knobs as knobs_mod
 from parley_fakeprovider.text import content_text, embedding, make_reply, split_tokens, tool_arguments

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import errors, health, logs, metrics, tracing
 from .errors import ErrorShape
@@ -85,3 +85,8 @@ def register_request_context(app: OpenAPI) -> None:
     @app.teardown_request
     def _forget(_exc: BaseException | None) -> None:
         tracing.clear()
+
+
+def model_response(model: BaseModel, status: int = 200) -> Response:
+    """A JSON response from a pydantic response model (datetimes as ISO 8601, not Flask's RFC 822)."""
+    return Response(model.model_dump_json(), status=status, mimetype="application/json")

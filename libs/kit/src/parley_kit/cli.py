@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
 import sys
 from collections.abc import Callable
@@ -12,6 +14,15 @@ import click
 
 from .db import upgrade
 from .settings import ServiceSettings
+
+
+def raise_open_files_limit() -> None:
+    """Thousands of long-lived client and upstream connections need more descriptors than the usual soft limit;
+    gunicorn's workers inherit the raised limit through exec and fork."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def service_cli(
@@ -34,6 +45,7 @@ def service_cli(
     @cli.command(help="Run the service under gunicorn.")
     def serve() -> None:
         settings = load_settings()
+        raise_open_files_limit()
         # prometheus_client picks multiprocess mode at import: the variable must be set, and the directory
         # emptied of a previous run's files, before gunicorn imports anything.
         metrics_dir = Path(settings.metrics_path)

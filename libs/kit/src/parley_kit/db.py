@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, MetaData, create_engine, event, text
+from sqlalchemy import DateTime, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -50,11 +50,19 @@ def make_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def ensure_sqlite_directory(url: str) -> None:
+    """SQLite creates its file but not the folder (`.run/` by default): make it before anything opens the file."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
 class Database:
     """An engine and a session factory for one service's database, created after the worker forks."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
+        ensure_sqlite_directory(url)
         if url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -98,6 +106,7 @@ def upgrade(migrations_dir: Path, url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
+    ensure_sqlite_directory(url)
     config = Config()
     config.set_main_option("script_location", str(migrations_dir))
     config.attributes["url"] = url  # not via set_main_option: configparser would choke on '%' in passwords

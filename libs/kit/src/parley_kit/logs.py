@@ -154,10 +154,12 @@ def configure(
     global _listener, _queue_handler
     _stop_shipping()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for handler in list(root.handlers):  # only ours: a test runner's capture handlers stay
+        if getattr(handler, "parley", False):
+            root.removeHandler(handler)
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(EcsFormatter(service_name, version, environment))
+    stdout.parley = True  # type: ignore[attr-defined]
     root.addHandler(stdout)
     if logstash_host:
         from logstash import TCPLogstashHandler  # python-logstash
@@ -171,8 +173,10 @@ def configure(
         _listener = _BoundedQueueListener(log_queue, shipper, respect_handler_level=True)
         _listener.start()
     root.setLevel(level.upper())
-    for noisy in ("pika", "urllib3", "httpx", "httpx2", "httpcore", "openai", "anthropic", "alembic"):
+    for noisy in ("urllib3", "httpx", "httpx2", "httpcore", "openai", "anthropic", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # pika logs every failed connect at ERROR with a traceback; our Consumer/Publisher report broker trouble.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def shutdown() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask_openapi3 import OpenAPI
+
 from parley_kit.app import create_service_app
 from parley_kit.db import Database
 from parley_kit.health import Health
@@ -32,7 +33,6 @@ def create_app(settings: AuthSettings | None = None) -> OpenAPI:
 
 def open_database(settings: AuthSettings, health: Health) -> Database:
     """The engine for this process, checked by /readyz."""
-    settings.prepare_database_dir()
     database = Database(settings.database_url)
     health.add_check("database", database.check)
     return database

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from parley_kit.cli import service_cli
 from parley_kit.db import Database
 from parley_kit.errors import Conflict
@@ -14,7 +15,6 @@ from .settings import AuthSettings, load_settings
 
 def _settings() -> AuthSettings:
     settings = load_settings()
-    settings.prepare_database_dir()
     return settings
 
 

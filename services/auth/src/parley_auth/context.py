@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flask import current_app, request
+
 from parley_kit.db import Database
 from parley_kit.errors import Forbidden
 from parley_kit.tokens import Identity, TokenVerifier, authenticate

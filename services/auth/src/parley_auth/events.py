@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from parley_kit.amqp import Publisher, PublishFailed
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import UnroutableError
+
+from parley_kit.amqp import Publisher, PublishFailed
 
 from .settings import AuthSettings
 
@@ -25,8 +26,6 @@ class IdentityEvents:
     """
 
     def __init__(self, settings: AuthSettings) -> None:
-        # pika logs every failed connection attempt at ERROR with a traceback; our one warning says it all.
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
         self.exchange = settings.amqp_name("events")
         self._publisher = Publisher(settings.amqp_url, declare=self._declare)  # connects on first publish
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from parley_kit.db import UTCDateTime, make_metadata, utcnow
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from parley_kit.db import UTCDateTime, make_metadata, utcnow
 
 ROLES = ("admin", "member")
 

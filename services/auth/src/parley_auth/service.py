@@ -11,13 +11,14 @@ from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
 from parley_kit.db import utcnow
 from parley_kit.errors import Conflict, Forbidden, NotFound, Unauthorized
 from parley_kit.ids import new_id
 from parley_kit.tokens import SERVICE_ROLE, Identity
-from sqlalchemy import or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from .models import ApiKey, RefreshToken, User
 from .settings import AuthSettings

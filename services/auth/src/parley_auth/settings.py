@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Literal
 
-from parley_kit.settings import PLACEHOLDER_PREFIX, ServiceSettings
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
-from sqlalchemy.engine import make_url
+
+from parley_kit.settings import PLACEHOLDER_PREFIX, ServiceSettings
 
 
 class AuthSettings(ServiceSettings):
@@ -53,12 +52,6 @@ class AuthSettings(ServiceSettings):
         if (self.admin_email is None) != (self.admin_password is None):
             raise ValueError("admin_email and admin_password are set together or not at all")
         return self
-
-    def prepare_database_dir(self) -> None:
-        """A SQLite file's folder (`.run/` by default) must exist before anything opens the database."""
-        url = make_url(self.database_url)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
 @cache

@@ -11,11 +11,12 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
 from parley_kit.db import Database, utcnow
 from parley_kit.ids import new_id
 from parley_kit.tokens import ACCESS, ALGORITHMS, TokenVerifier
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session
 
 from .models import SigningKey
 from .settings import AuthSettings

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
+
+from parley_kit.app import model_response
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, Forbidden, Unauthorized
-from pydantic import BaseModel
 
 from . import service
 from .context import auth_context, caller, interactive_caller
@@ -47,11 +48,6 @@ admin = APIBlueprint("admin", __name__, url_prefix="/auth/users", abp_tags=[Tag(
 keys = APIBlueprint("keys", __name__, abp_tags=[Tag(name="keys")])
 
 
-def reply(model: BaseModel, status: int = 200) -> Response:
-    """A JSON response from a response model (datetimes as ISO 8601)."""
-    return Response(model.model_dump_json(), status=status, mimetype="application/json")
-
-
 def no_content() -> Response:
     """204."""
     return Response(status=204)
@@ -77,7 +73,7 @@ def register(body: RegisterBody) -> Response:
     with ctx.db.transaction() as session:
         user = service.create_user(session, email=str(body.email), password=body.password)
         out = UserOut.model_validate(user, from_attributes=True)
-    return reply(out, 201)
+    return model_response(out, 201)
 
 
 @accounts.post("/token", responses={200: TokenPairOut}, security=[])
@@ -87,7 +83,7 @@ def login(body: LoginBody) -> Response:
     with ctx.db.transaction() as session:
         user = service.authenticate_password(session, email=body.email, password=body.password)
         pair = service.start_session(session, settings=ctx.settings, signer=ctx.signer, user=user)
-    return reply(_pair_out(pair))
+    return model_response(_pair_out(pair))
 
 
 @accounts.post("/refresh", responses={200: TokenPairOut}, security=[])
@@ -100,7 +96,7 @@ def refresh(body: RefreshBody) -> Response:
         )
     if pair is None:  # raised only now, so a family revocation is committed first
         raise _refused_refresh()
-    return reply(_pair_out(pair))
+    return model_response(_pair_out(pair))
 
 
 @accounts.post("/logout", responses={204: None}, security=[])
@@ -117,7 +113,7 @@ def me() -> Response:
     identity = caller()
     with auth_context().db.transaction() as session:
         out = UserOut.model_validate(service.user_for(session, identity), from_attributes=True)
-    return reply(out)
+    return model_response(out)
 
 
 @accounts.post("/password", responses={204: None}, security=BEARER)
@@ -162,7 +158,7 @@ def create_api_key(body: ApiKeyCreateBody) -> Response:
             created_at=created.row.created_at,
             expires_at=created.row.expires_at,
         )
-    return reply(out, 201)
+    return model_response(out, 201)
 
 
 @api_keys.get("", responses={200: ApiKeyList})
@@ -173,7 +169,7 @@ def list_api_keys() -> Response:
         user = service.user_for(session, identity)
         rows = service.list_api_keys(session, user_id=user.id)
         out = ApiKeyList(data=[ApiKeyOut.model_validate(row, from_attributes=True) for row in rows])
-    return reply(out)
+    return model_response(out)
 
 
 @api_keys.delete("/<key_id>", responses={204: None})
@@ -204,7 +200,7 @@ def service_token(body: ServiceTokenBody) -> Response:
             client_id=body.client_id,
             client_secret=body.client_secret,
         )
-    return reply(ServiceTokenOut(access_token=issued.access_token, expires_in=issued.expires_in))
+    return model_response(ServiceTokenOut(access_token=issued.access_token, expires_in=issued.expires_in))
 
 
 @internal.post("/internal/key-exchange", responses={200: KeyExchangeOut}, security=BEARER)
@@ -215,7 +211,7 @@ def key_exchange(body: KeyExchangeBody) -> Response:
     with ctx.db.transaction() as session:
         issued = service.exchange_api_key(session, settings=ctx.settings, signer=ctx.signer, key=body.key)
     assert issued.user_id is not None and issued.key_id is not None
-    return reply(
+    return model_response(
         KeyExchangeOut(
             access_token=issued.access_token,
             expires_in=issued.expires_in,
@@ -239,7 +235,7 @@ def act_as(body: ActAsBody) -> Response:
             user_id=body.user_id,
             key_id=body.key_id,
         )
-    return reply(ActAsOut(access_token=issued.access_token, expires_in=issued.expires_in))
+    return model_response(ActAsOut(access_token=issued.access_token, expires_in=issued.expires_in))
 
 
 # ----- admin ------------------------------------------------------------------------------------------------------
@@ -257,7 +253,7 @@ def list_users() -> Response:
     with auth_context().db.transaction() as session:
         _require_admin(service.user_for(session, identity).role)
         out = UserList(data=[AdminUserOut.model_validate(u, from_attributes=True) for u in service.list_users(session)])
-    return reply(out)
+    return model_response(out)
 
 
 @admin.post("/<user_id>/disable", responses={204: None})
@@ -283,7 +279,7 @@ def jwks() -> Response:
     """The public keys that verify access tokens."""
     with auth_context().db.transaction() as session:
         body = Jwks.model_validate(public_jwks(session))
-    response = reply(body)
+    response = model_response(body)
     response.headers["Cache-Control"] = "public, max-age=60"
     return response
 

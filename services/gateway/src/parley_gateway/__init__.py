@@ -7,15 +7,17 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, request
 from flask_openapi3 import OpenAPI
+
 from parley_kit.amqp import Consumer
 from parley_kit.app import create_service_app
 from parley_kit.errors import ServiceUnavailable
 from parley_kit.health import Health
 from parley_kit.http import ServiceClient
+from parley_kit.service_auth import ServiceTokenSource
 from parley_kit.tokens import TokenVerifier
 
 from . import routing
-from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, ServiceTokenSource, UserRevocations
+from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
 from .headers import SECURITY_HEADERS
 from .proxy import Proxy
 from .revocation import start_listener

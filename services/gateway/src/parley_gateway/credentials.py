@@ -16,8 +16,10 @@ from enum import StrEnum
 from typing import Any
 
 import jwt
-from parley_kit.errors import ServiceUnavailable, Unauthorized, UpstreamError
+
+from parley_kit.errors import Unauthorized, UpstreamError
 from parley_kit.http import ServiceClient
+from parley_kit.service_auth import ServiceTokenSource, seconds
 from parley_kit.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -192,56 +194,6 @@ class KeyCache:
                     del revoked[name]
 
 
-class ServiceTokenSource:
-    """The gateway's own service token (client credentials at auth), cached until shortly before it expires."""
-
-    def __init__(
-        self, auth: ServiceClient, *, client_id: str, client_secret: str, timeout: tuple[float, float], margin: float
-    ) -> None:
-        self._auth = auth
-        self._credentials = {"client_id": client_id, "client_secret": client_secret}
-        self._timeout = timeout
-        self._margin = margin
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._fetched_at = float("-inf")
-        self._lock = threading.Lock()
-
-    @property
-    def age(self) -> float:
-        """Seconds since the current token was obtained."""
-        return time.monotonic() - self._fetched_at
-
-    def get(self) -> str:
-        """A valid service token, fetched when missing or near expiry (one fetch at a time)."""
-        token = self._token
-        if token is not None and time.monotonic() < self._expires_at:
-            return token
-        with self._lock:
-            if self._token is not None and time.monotonic() < self._expires_at:
-                return self._token
-            return self._fetch()
-
-    def invalidate(self, token: str) -> None:
-        """Forget `token` (auth refused it), unless another request already replaced it."""
-        with self._lock:
-            if self._token == token:
-                self._token = None
-
-    def _fetch(self) -> str:
-        status, body = self._auth.json("POST", "/auth/service-token", json=self._credentials, timeout=self._timeout)
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-            # Our own credentials were refused or auth misbehaves: the client can do nothing about it.
-            log.error("auth refused the gateway's service credentials", extra={"http.response.status_code": status})
-            raise ServiceUnavailable("authentication is unavailable")
-        expires_in = _seconds(body.get("expires_in"), default=300.0)
-        now = time.monotonic()
-        self._token = body["access_token"]
-        self._fetched_at = now
-        self._expires_at = now + expires_in - min(self._margin, expires_in / 10)
-        return self._token
-
-
 class KeyExchanger:
     """API key → a short-lived user access token from auth, cached per process; refused keys cached briefly."""
 
@@ -317,7 +269,7 @@ class KeyExchanger:
         self.cache.put(
             digest,
             access_token=body["access_token"],
-            expires_in=_seconds(body.get("expires_in"), default=60.0),
+            expires_in=seconds(body.get("expires_in"), default=60.0),
             key_id=str(key_id) if key_id is not None else None,
             user_id=str(user_id) if user_id is not None else None,
             requested_at=started,
@@ -380,10 +332,3 @@ class EdgeAuthenticator:
                 raise Unauthorized("token revoked", code="token_revoked")
             return credential, 0.0
         raise Unauthorized("invalid API key or access token", code="invalid_credentials")
-
-
-def _seconds(value: object, *, default: float) -> float:
-    """A positive number of seconds from a JSON field, or the default."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return default

@@ -17,11 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from urllib3.exceptions import HTTPError, ReadTimeoutError
+
 from parley_kit import errors, tracing
 from parley_kit.errors import BadRequest, GatewayTimeout, ParleyError, PayloadTooLarge, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.metrics import HTTP_SERVER_DURATION
-from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from . import routing
 from .credentials import EdgeAuthenticator

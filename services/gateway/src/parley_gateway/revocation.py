@@ -6,8 +6,9 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from parley_kit.amqp import Consumer, Message
 from pika.adapters.blocking_connection import BlockingChannel
+
+from parley_kit.amqp import Consumer, Message
 
 from .credentials import KeyCache, UserRevocations
 

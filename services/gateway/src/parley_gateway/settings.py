@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from parley_kit.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from parley_kit.settings import ServiceSettings
 
 MIB = 1024 * 1024
 

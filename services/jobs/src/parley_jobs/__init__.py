@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask_openapi3 import OpenAPI
+
 from parley_kit.amqp import check_broker
 from parley_kit.app import create_service_app
 from parley_kit.db import Database
@@ -23,17 +24,8 @@ def shape_for_path(path: str) -> ErrorShape:
     return ErrorShape.OPENAI if path.startswith("/v1/") else ErrorShape.PROBLEM
 
 
-def ensure_sqlite_directory(url: str) -> None:
-    """SQLite creates the file but not its directory (the default lives under `.run/`)."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
 def open_database(settings: JobsSettings) -> Database:
     """The jobs database engine for this process."""
-    ensure_sqlite_directory(settings.database_url)
     return Database(settings.database_url)
 
 

@@ -9,11 +9,12 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, Conflict, NotFound
 from parley_kit.ids import new_id
-from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.orm import Session
 
 from . import files, outbox
 from .jsonl import parse_batch_file

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, undefer
+
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, NotFound
 from parley_kit.ids import new_id
-from sqlalchemy import select
-from sqlalchemy.orm import Session, undefer
 
 from .jsonl import parse_batch_file
 from .models import File

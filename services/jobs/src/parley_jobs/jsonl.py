@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import orjson
+
 from parley_kit.errors import BadRequest
 
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/messages"]

@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from parley_kit.db import UTCDateTime, make_metadata, utcnow
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from parley_kit.db import UTCDateTime, make_metadata, utcnow
 
 
 class Base(DeclarativeBase):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from parley_kit.db import utcnow
-from parley_kit.ids import new_id
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+
+from parley_kit.db import utcnow
+from parley_kit.ids import new_id
 
 from .models import OutboxEvent
 

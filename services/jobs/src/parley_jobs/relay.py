@@ -8,10 +8,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from parley_kit.amqp import Publisher, declare_work_queue
-from parley_kit.db import Database
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy import select
+
+from parley_kit.amqp import Publisher, declare_work_queue
+from parley_kit.db import Database
 
 from . import outbox
 from .models import BatchItem, ItemStatus

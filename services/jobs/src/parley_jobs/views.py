@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from flask import Response, current_app, g, request
 from flask_openapi3 import APIBlueprint, Tag
+
+from parley_kit.app import model_response
 from parley_kit.db import Database
 from parley_kit.errors import PayloadTooLarge
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
-from pydantic import BaseModel
 
 from . import batches, files
 from .schemas import (
@@ -43,10 +44,6 @@ def _identity() -> Identity:
     return g.identity
 
 
-def _json(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.model_dump_json(), status=status, mimetype="application/json")
-
-
 @api.before_request
 def _authenticate() -> None:
     """Every `/v1/` route needs a verified token, checked before the body is parsed (401 before 400)."""
@@ -75,7 +72,7 @@ def upload_file(form: FileUpload) -> Response:
             content=content,
             max_lines=settings.max_lines,
         )
-        return _json(FileObject.of(file))
+        return model_response(FileObject.of(file))
 
 
 @api.get("/files", tags=[FILES], responses={200: FileList})
@@ -91,7 +88,7 @@ def list_files(query: FileQuery) -> Response:
             newest_first=query.order == "desc",
         )
         data = [FileObject.of(row) for row in rows]
-    return _json(
+    return model_response(
         FileList(
             data=data,
             first_id=data[0].id if data else None,
@@ -105,7 +102,7 @@ def list_files(query: FileQuery) -> Response:
 def get_file(path: FilePath) -> Response:
     """One of the caller's files."""
     with _db().transaction() as session:
-        return _json(FileObject.of(files.get_file(session, owner=_identity().subject, file_id=path.file_id)))
+        return model_response(FileObject.of(files.get_file(session, owner=_identity().subject, file_id=path.file_id)))
 
 
 @api.delete("/files/<file_id>", tags=[FILES], responses={200: FileDeleted})
@@ -113,7 +110,7 @@ def delete_file(path: FilePath) -> Response:
     """Delete one of the caller's files."""
     with _db().transaction() as session:
         file = files.delete_file(session, owner=_identity().subject, file_id=path.file_id)
-        return _json(FileDeleted(id=file.id))
+        return model_response(FileDeleted(id=file.id))
 
 
 @api.get("/files/<file_id>/content", tags=[FILES])
@@ -143,7 +140,7 @@ def create_batch(body: BatchCreate) -> Response:
             max_lines=_settings().max_lines,
         )
         counts = batches.Counts(total=batch.total, completed=0, failed=0)
-        return _json(BatchObject.of(batch, counts))
+        return model_response(BatchObject.of(batch, counts))
 
 
 @api.get("/batches", tags=[BATCHES], responses={200: BatchList})
@@ -153,7 +150,7 @@ def list_batches(query: BatchQuery) -> Response:
         rows, has_more = batches.list_batches(session, owner=_identity().subject, limit=query.limit, after=query.after)
         counts = batches.request_counts(session, rows)
         data = [BatchObject.of(row, counts[row.id]) for row in rows]
-    return _json(
+    return model_response(
         BatchList(
             data=data,
             first_id=data[0].id if data else None,
@@ -168,7 +165,7 @@ def get_batch(path: BatchPath) -> Response:
     """One of the caller's batches with live request counts."""
     with _db().transaction() as session:
         batch = batches.get_batch(session, owner=_identity().subject, batch_id=path.batch_id)
-        return _json(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))
+        return model_response(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))
 
 
 @api.post("/batches/<batch_id>/cancel", tags=[BATCHES], responses={200: BatchObject})
@@ -182,4 +179,4 @@ def cancel_batch(path: BatchPath) -> Response:
         batches.finalize_if_done(session, batch_id=path.batch_id)
     with _db().transaction() as session:
         batch = batches.get_batch(session, owner=owner, batch_id=path.batch_id)
-        return _json(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))
+        return model_response(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))

@@ -13,11 +13,13 @@ from types import FrameType
 from typing import Any
 
 import orjson
+
 from parley_kit import logs
 from parley_kit.amqp import Consumer, Message, Publisher, Reject
 from parley_kit.db import Database
 from parley_kit.errors import ParleyError, UpstreamError
 from parley_kit.http import ServiceClient
+from parley_kit.service_auth import ServiceTokenSource
 
 from . import batches, open_database
 from .credentials import ActAsRefused, ActingTokens
@@ -157,7 +159,7 @@ def build_processor(settings: JobsSettings, db: Database) -> ItemProcessor:
         settings.llm_url, name="llm", read_timeout=settings.item_timeout, max_connections=settings.worker_prefetch
     )
     auth = ServiceClient(settings.auth_url, name="auth", read_timeout=10.0, max_connections=4)
-    tokens = ActingTokens(auth, client_id=settings.client_id, client_secret=settings.client_secret)
+    tokens = ActingTokens(ServiceTokenSource(auth, client_id=settings.client_id, client_secret=settings.client_secret))
     return ItemProcessor(db, llm, tokens, delivery_limit=settings.delivery_limit, item_timeout=settings.item_timeout)
 
 

@@ -6,6 +6,7 @@ import atexit
 from pathlib import Path
 
 from flask_openapi3 import OpenAPI
+
 from parley_kit.app import create_service_app
 from parley_kit.db import Database
 from parley_kit.errors import ErrorShape
@@ -14,7 +15,7 @@ from parley_kit.tokens import TokenVerifier
 
 from .catalog import load_catalog
 from .relay import Ledger
-from .settings import LlmSettings, load_settings, prepare_sqlite_dir
+from .settings import LlmSettings, load_settings
 from .upstream import Upstreams
 from .views import LlmState, register_routes
 
@@ -45,7 +46,6 @@ def create_app(settings: LlmSettings | None = None) -> OpenAPI:
 def build_state(settings: LlmSettings) -> LlmState:
     """Everything a worker builds once after fork; a bad models file stops the service here."""
     catalog = load_catalog(settings.models_file)
-    prepare_sqlite_dir(settings.database_url)
     db = Database(settings.database_url)
     return LlmState(
         catalog=catalog,

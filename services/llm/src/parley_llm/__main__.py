@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from parley_kit.cli import service_cli
 
 from . import MIGRATIONS_DIR

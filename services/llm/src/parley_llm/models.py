@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from parley_kit.db import UTCDateTime, make_metadata, utcnow
 from sqlalchemy import BigInteger, Index, Integer, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from parley_kit.db import UTCDateTime, make_metadata, utcnow
 
 
 class Base(DeclarativeBase):

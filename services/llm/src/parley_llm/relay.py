@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx2
 import orjson
-from parley_kit.errors import ParleyError, UpstreamError
 from sqlalchemy import Engine
+
+from parley_kit.errors import ParleyError, UpstreamError
 
 from . import service
 from .catalog import Deployment, Provider

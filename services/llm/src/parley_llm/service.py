@@ -6,9 +6,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from parley_kit.db import utcnow
 from sqlalchemy import Connection, Date, cast, func, select
 from sqlalchemy.orm import Session
+
+from parley_kit.db import utcnow
 
 from .catalog import Deployment
 from .models import UsageRecord, usage_records

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parley_kit.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from parley_kit.settings import ServiceSettings
 
 BUNDLED_MODELS_FILE = str(Path(__file__).with_name("models.yaml"))
 
@@ -35,13 +36,5 @@ class LlmSettings(ServiceSettings):
 
 
 def load_settings() -> LlmSettings:
-    """Read the settings from the environment (and `.env`); make the SQLite file's folder if needed."""
-    settings = LlmSettings()
-    prepare_sqlite_dir(settings.database_url)
-    return settings
-
-
-def prepare_sqlite_dir(url: str) -> None:
-    """SQLite will not create the folder of its file (the default lives under `.run/`)."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """Read the settings from the environment (and `.env`)."""
+    return LlmSettings()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from parley_kit.metrics import DURATION_BUCKETS
 from prometheus_client import Counter, Histogram
+
+from parley_kit.metrics import DURATION_BUCKETS
 
 log = logging.getLogger("parley_llm.calls")
 

@@ -13,6 +13,7 @@ import anthropic
 import httpx2
 import openai
 import orjson
+
 from parley_kit.errors import (
     BadRequest,
     Conflict,

@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, g, request, stream_with_context
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
+from pydantic import BaseModel, ConfigDict, Field
+
 from parley_kit import tracing
 from parley_kit.db import Database
 from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
-from pydantic import BaseModel, ConfigDict, Field
 
 from . import relay, service
 from .catalog import Catalog, Deployment, Operation, Provider

@@ -6,6 +6,7 @@ Revises:
 
 import sqlalchemy as sa
 from alembic import op
+
 from parley_kit.db import UTCDateTime
 
 revision = "0001"
