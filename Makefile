@@ -1,7 +1,10 @@
 # Parley — one Makefile for the whole workspace. `make help` lists the targets.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := python3 -m uv
+endif
 PY := .venv/bin/python
 SERVICES := auth llm jobs gateway
 PYTEST_ARGS ?=
@@ -11,11 +14,9 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
 
-$(UV):
-	@echo "Installing uv (the workspace's package manager) ..."
-	python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-
-install: $(UV) ## Create .venv with every service, the kit and the dev tools (from uv.lock)
+install: ## Create .venv with every service, the kit and the dev tools (from uv.lock)
+	@$(UV) --version >/dev/null 2>&1 || { echo "Installing uv (the workspace's package manager) ..."; \
+		python3 -m pip install --quiet uv; }
 	@$(UV) sync --locked --quiet
 
 system-deps: ## Install the system tools the tests use (docker-compose for static compose checks)
