@@ -45,8 +45,10 @@ def quick_stop(process: ServiceProcess) -> None:
 
 @pytest.fixture
 def settings(fake_provider: str, token_mint: TokenMint) -> GatewaySettings:
-    """In-process settings: llm is the fake provider, auth is down, jobs is down, no broker listener."""
+    """In-process settings: llm is the fake provider, auth is down, jobs is down, no broker listener; development
+    (whatever PARLEY_ENV says), so limits are per process unless a test gives them Redis."""
     return GatewaySettings(
+        environment="development",
         llm_url=fake_provider,
         auth_url=dead_url(),
         jobs_url=dead_url(),
@@ -81,7 +83,12 @@ def fake_stats(fake_provider: str) -> Callable[[], dict]:
 
 @pytest.fixture(scope="session")
 def gateway_process(
-    fake_provider: str, token_mint: TokenMint, amqp_prefix: str, tmp_path_factory: pytest.TempPathFactory
+    fake_provider: str,
+    token_mint: TokenMint,
+    amqp_prefix: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A real `python -m parley_gateway serve` (gunicorn, gevent workers) in front of the fake provider."""
     port = free_port()
@@ -102,6 +109,8 @@ def gateway_process(
             "GATEWAY_METRICS_DIR": str(run_dir / "metrics"),
             "GATEWAY_CLIENT_SECRET": secrets.token_urlsafe(24),
             "GATEWAY_MAX_BODY_BYTES": str(64 * 1024),
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_REDIS_PREFIX": f"{redis_prefix}gw-process:",
         },
         log_dir=run_dir,
         ready_url=f"http://127.0.0.1:{port}/livez",  # /readyz needs auth, which these tests do not run

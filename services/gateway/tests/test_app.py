@@ -111,11 +111,31 @@ def test_probes_and_security_headers_on_flask_routes(client: FlaskClient) -> Non
     assert ready.json["checks"]["auth"].startswith("failing")
 
 
-def test_readyz_ok_when_auth_and_llm_answer(settings: GatewaySettings, token_mint: TokenMint) -> None:
-    """Ready once auth's and llm's /livez answer (the JWKS stand-in answers any GET with 200)."""
+def test_readyz_ok_when_auth_llm_and_jobs_answer(settings: GatewaySettings, token_mint: TokenMint) -> None:
+    """Ready once auth's, llm's and jobs' /livez answer (the JWKS stand-in answers any GET with 200)."""
     answering = token_mint.jwks_url.removesuffix("/.well-known/jwks.json")
     app = create_app(settings.model_copy(update={"auth_url": answering, "llm_url": answering}))
+    not_ready = app.test_client().get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json["checks"] == {"auth": "ok", "llm": "ok", "jobs": "failing: ServiceUnavailable"}
+    app = create_app(settings.model_copy(update={"auth_url": answering, "llm_url": answering, "jobs_url": answering}))
     assert app.test_client().get("/readyz").status_code == 200
+
+
+def test_readyz_checks_redis_when_limits_use_it(
+    settings: GatewaySettings, token_mint: TokenMint, redis_url: str, redis_prefix: str
+) -> None:
+    """With GATEWAY_REDIS_URL, Redis is one of the checks: ok when it answers, failing when it does not."""
+    answering = token_mint.jwks_url.removesuffix("/.well-known/jwks.json")
+    base = settings.model_copy(
+        update={"auth_url": answering, "llm_url": answering, "jobs_url": answering, "redis_prefix": redis_prefix}
+    )
+    ready = create_app(base.model_copy(update={"redis_url": redis_url})).test_client().get("/readyz")
+    assert (ready.status_code, ready.json["checks"]["redis"]) == (200, "ok")
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    not_ready = create_app(base.model_copy(update={"redis_url": down})).test_client().get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json["checks"]["redis"].startswith("failing")
 
 
 def test_unknown_route_is_404_problem_json(client: FlaskClient) -> None:

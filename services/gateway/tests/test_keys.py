@@ -1,7 +1,9 @@
-"""API keys: exchanged once at auth, cached, refreshed service token on a 401, dropped by revocation events.
+"""API keys against a STAND-IN auth: only what the real auth cannot be made to show.
 
-auth's two internal endpoints are played by a small stand-in server (like the kit's TokenMint for the JWKS); the
-real auth service is exercised by tests/integration. The broker is the real RabbitMQ.
+The exchange itself (both header styles, the owner's token upstream, unknown keys, revocation by a real key.revoked
+event) is tested against the real auth process in test_real_auth.py. This stand-in stays for: counting exchanges
+(caching and the refusal cache are about how often auth is asked), and auth forgetting the gateway's service token
+(the refresh-and-retry path), which a running auth never does on demand. The broker is the real RabbitMQ.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,14 +18,19 @@ from parley_kit.service_auth import ServiceTokenSource
 from parley_kit.tokens import TokenVerifier
 
 from . import routing
+from .cors import Cors
 from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
+from .docs import SpecCache, docs_blueprint
 from .headers import SECURITY_HEADERS
 from .proxy import Proxy
+from .ratelimit import DefaultLimits, LocalRateLimiter, RateLimiter, RedisRateLimiter
 from .revocation import start_listener
 from .routing import Upstream
 from .settings import GatewaySettings
 
 __all__ = ["GatewaySettings", "create_app"]
+
+log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT = (0.5, 1.0)
 
@@ -38,6 +44,7 @@ class Gateway:
     authenticator: EdgeAuthenticator
     proxy: Proxy
     listener: Consumer | None
+    limiter: RateLimiter | None
 
     def close(self) -> None:
         """Stop the background event listener (tests; gunicorn simply exits)."""
@@ -51,11 +58,14 @@ def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
     app, health = create_service_app(settings, __name__, title="Parley gateway", shape_for_path=routing.shape_for_path)
     upstreams = build_upstreams(settings)
     authenticator = build_authenticator(settings, upstreams[Upstream.AUTH])
-    register_readiness(health, upstreams)
+    limiter = build_rate_limiter(settings)
+    register_readiness(health, upstreams, limiter)
     register_security_headers(app)
+    register_docs(app, settings, upstreams)
     listener = start_revocations(settings, authenticator)
-    proxy = mount_proxy(app, settings, upstreams, authenticator)
-    app.extensions["parley_gateway"] = Gateway(settings, upstreams, authenticator, proxy, listener)
+    proxy = mount_proxy(app, settings, upstreams, authenticator, limiter)
+    mount_cors(app, settings)
+    app.extensions["parley_gateway"] = Gateway(settings, upstreams, authenticator, proxy, listener, limiter)
     return app
 
 
@@ -94,10 +104,30 @@ def build_authenticator(settings: GatewaySettings, auth: ServiceClient) -> EdgeA
     return EdgeAuthenticator(verifier, exchanger, UserRevocations())
 
 
-def register_readiness(health: Health, upstreams: dict[Upstream, ServiceClient]) -> None:
-    """Ready when auth and llm answer their `/livez` (cheap); jobs being down only affects files and batches."""
-    for upstream in (Upstream.AUTH, Upstream.LLM):
+def build_rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
+    """Redis-backed limits; in-process ones only in development without Redis (with a warning); None when all are 0."""
+    if not settings.rate_limits_enabled:
+        return None
+    if settings.redis_url:
+        return RedisRateLimiter(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout,
+            failure_mode=settings.rate_limit_failure_mode,
+        )
+    # settings refuse this combination outside development
+    log.warning("GATEWAY_REDIS_URL is not set: rate limits are kept per process (development only)")
+    return LocalRateLimiter()
+
+
+def register_readiness(
+    health: Health, upstreams: dict[Upstream, ServiceClient], limiter: RateLimiter | None = None
+) -> None:
+    """Ready when auth, llm and jobs answer their `/livez` (cheap) and Redis answers a PING when limits use it."""
+    for upstream in (Upstream.AUTH, Upstream.LLM, Upstream.JOBS):
         health.add_check(upstream.value, _livez_check(upstreams[upstream]))
+    if isinstance(limiter, RedisRateLimiter):
+        health.add_check("redis", limiter.ping)
 
 
 def _livez_check(client: ServiceClient) -> Callable[[], None]:
@@ -121,6 +151,11 @@ def register_security_headers(app: Flask) -> None:
         return response
 
 
+def register_docs(app: OpenAPI, settings: GatewaySettings, upstreams: dict[Upstream, ServiceClient]) -> None:
+    """`/docs`: Swagger UI over auth's, llm's and jobs' OpenAPI documents (fetched and cached)."""
+    app.register_api(docs_blueprint(SpecCache(upstreams, ttl=settings.docs_cache_ttl)))
+
+
 def start_revocations(settings: GatewaySettings, authenticator: EdgeAuthenticator) -> Consumer | None:
     """Listen to auth's identity events in the background (per worker, after fork)."""
     if not settings.revocation_events:
@@ -134,7 +169,11 @@ def start_revocations(settings: GatewaySettings, authenticator: EdgeAuthenticato
 
 
 def mount_proxy(
-    app: Flask, settings: GatewaySettings, upstreams: dict[Upstream, ServiceClient], authenticator: EdgeAuthenticator
+    app: Flask,
+    settings: GatewaySettings,
+    upstreams: dict[Upstream, ServiceClient],
+    authenticator: EdgeAuthenticator,
+    limiter: RateLimiter | None,
 ) -> Proxy:
     """Put the proxy in front of Flask: proxied prefixes never enter Flask's request machinery."""
     proxy = Proxy(
@@ -143,6 +182,19 @@ def mount_proxy(
         authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
         access_log_enabled=settings.access_log,
+        limiter=limiter,
+        limits=DefaultLimits(
+            key_rpm=settings.rate_limit_key_rpm,
+            key_tpm=settings.rate_limit_key_tpm,
+            user_rpm=settings.rate_limit_user_rpm,
+            user_tpm=settings.rate_limit_user_tpm,
+        ),
     )
     app.wsgi_app = proxy  # type: ignore[method-assign]
     return proxy
+
+
+def mount_cors(app: Flask, settings: GatewaySettings) -> None:
+    """CORS in front of everything (preflights never reach the proxy or a service); absent when no origin is set."""
+    if settings.cors_allowed:
+        app.wsgi_app = Cors(app.wsgi_app, origins=settings.cors_allowed, max_age=settings.cors_max_age)  # type: ignore[method-assign]

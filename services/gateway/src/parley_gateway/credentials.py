@@ -22,6 +22,8 @@ from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource, seconds
 from parley_kit.tokens import TokenVerifier
 
+from .ratelimit import Principal
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-pl-"
@@ -31,6 +33,8 @@ MAX_TOKEN_LENGTH = 8192
 SERVICE_TOKEN_CODES = frozenset({"invalid_token", "token_expired", "missing_token"})
 # A service token younger than this that gets a 401 is not the culprit: the key is (no refresh storm on sprays).
 SERVICE_TOKEN_MIN_AGE = 10.0
+# Principals remembered per token (a token's claims never change; the cache is emptied when full).
+PRINCIPAL_CACHE_SIZE = 50_000
 # How long a user revocation is remembered for JWTs issued before it (longer than any access token lives).
 USER_REVOCATION_MEMORY = 3600.0
 
@@ -319,6 +323,28 @@ class EdgeAuthenticator:
         self.verifier = verifier
         self.exchanger = exchanger
         self.revocations = revocations
+        self._principals: dict[str, Principal] = {}
+
+    def principal(self, token: str) -> Principal:
+        """Who an accepted bearer token acts as, with its own `rpm`/`tpm` claims (decoded once per token).
+
+        Only called with a token this gateway verified or got from auth itself, so its signature is not checked again.
+        """
+        known = self._principals.get(token)
+        if known is not None:
+            return known
+        claims = jwt.decode(token, options={"verify_signature": False})
+        key_id = claims.get("key_id")
+        principal = Principal(
+            user_id=str(claims.get("sub", "")),
+            key_id=str(key_id) if key_id is not None else None,
+            rpm=_limit_claim(claims.get("rpm")),
+            tpm=_limit_claim(claims.get("tpm")),
+        )
+        if len(self._principals) >= PRINCIPAL_CACHE_SIZE:
+            self._principals = {}
+        self._principals[token] = principal
+        return principal
 
     def access_token(self, authorization: str | None, api_key: str | None) -> tuple[str, float]:
         """(bearer token for the upstream, seconds spent waiting on auth)."""
@@ -332,3 +358,8 @@ class EdgeAuthenticator:
                 raise Unauthorized("token revoked", code="token_revoked")
             return credential, 0.0
         raise Unauthorized("invalid API key or access token", code="invalid_credentials")
+
+
+def _limit_claim(value: Any) -> int | None:
+    """A limit claim (`rpm`, `tpm`) when it is a non-negative integer; anything else is ignored."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # The gateway's own time is sub-millisecond: buckets start at 50 µs.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -17,4 +17,15 @@ AUTH_FAILURES = Counter(
     "parley_gateway_auth_failures_total",
     "Requests refused at the edge for missing or invalid credentials, by reason.",
     ["reason"],
+)
+RATELIMIT_DECISIONS = Counter(
+    "parley_ratelimit_decisions_total",
+    "Rate-limit decisions on limited routes, by outcome and by the kind of limit (requests or tokens per minute).",
+    ["decision", "kind"],
+)
+# livemax: any live worker that cannot reach Redis makes the platform's limits degraded.
+RATELIMIT_DEGRADED = Gauge(
+    "parley_ratelimit_degraded",
+    "1 while rate limits cannot be checked in Redis (requests are refused or admitted per the failure mode).",
+    multiprocess_mode="livemax",
 )

@@ -28,6 +28,7 @@ from . import routing
 from .credentials import EdgeAuthenticator
 from .headers import API_CSP, SECURITY_HEADERS, client_response_headers, upstream_request_headers
 from .metrics import AUTH_FAILURES, GATEWAY_OVERHEAD
+from .ratelimit import DefaultLimits, RateLimiter, Scope, UsageMeter
 from .routing import Route, Upstream
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,14 @@ class Proxy:
         authenticator: EdgeAuthenticator,
         max_body_bytes: int,
         access_log_enabled: bool = True,
+        limiter: RateLimiter | None = None,
+        limits: DefaultLimits | None = None,
     ) -> None:
         self._fallback = fallback
         self._upstreams = dict(upstreams)
         self._auth = authenticator
+        self._limiter = limiter if limits is not None else None
+        self._limits = limits
         self._max_body = max_body_bytes
         self._access_log = access_log_enabled
         self._gevent = _gevent_active()
@@ -86,35 +91,50 @@ class Proxy:
         method = environ["REQUEST_METHOD"]
         headers = upstream_request_headers(environ, keep_authorization=not route.authenticate)
         waited = 0.0
+        token = None
         if route.authenticate:
             token, waited = self._auth.access_token(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
             headers["authorization"] = "Bearer " + token
         body = read_body(environ, self._max_body)
+        limit_headers: list[tuple[str, str]] = []
+        token_scopes: tuple[Scope, ...] = ()
+        if route.limited and token is not None and self._limiter is not None and self._limits is not None:
+            scopes = self._limits.scopes(self._auth.principal(token))
+            if scopes:  # no limit applies: no Redis call at all
+                decision = self._limiter.admit(scopes)
+                limit_headers, token_scopes = decision.headers, decision.token_scopes
         target = upstream_target(environ)
         client = self._upstreams[route.upstream]
 
         sent = time.perf_counter()
         upstream = client.request(method, target, body=body, headers=headers, stream=True)
+        status = upstream.status
+        settlement = (
+            Settlement(self._limiter, token_scopes, UsageMeter(len(body) if body else 0))
+            if token_scopes and self._limiter is not None and status < 400
+            else None
+        )
         content_length = upstream.headers.get("content-length")
         content_type = upstream.headers.get("content-type", "")
-        if method == "HEAD" or upstream.status in (204, 304):
+        if method == "HEAD" or status in (204, 304):
             payload: Iterable[bytes] = [_read_all(upstream, client)]
         elif content_length and content_length.isdigit() and int(content_length) <= INLINE_BODY_LIMIT:
-            payload = [_read_all(upstream, client)]
+            data = _read_all(upstream, client)
+            payload = [data] if settlement is None else SettledBody(data, settlement)
         else:
             payload = Relay(
                 upstream,
                 sse=content_type.startswith("text/event-stream"),
                 shape=route.shape,
                 client_socket=environ.get("gunicorn.socket") if self._gevent else None,
+                settlement=settlement,
             )
         received = time.perf_counter()
 
-        status = upstream.status
-        start_response(
-            f"{status} {upstream.reason or _REASONS.get(status, 'Unknown')}",
-            client_response_headers(upstream.headers.items(), request_id),
-        )
+        response_headers = client_response_headers(upstream.headers.items(), request_id)
+        if limit_headers:
+            response_headers.extend(limit_headers)
+        start_response(f"{status} {upstream.reason or _REASONS.get(status, 'Unknown')}", response_headers)
         finished = time.perf_counter()
         GATEWAY_OVERHEAD.labels(route.upstream.value).observe(max(0.0, (sent - started) - waited + finished - received))
         self._observe(route, environ, status, started, finished)
@@ -164,6 +184,47 @@ class Proxy:
             )
 
 
+class Settlement:
+    """Counts an answer's tokens against its rate-limit scopes once the answer is over (sent, or cut short)."""
+
+    __slots__ = ("_limiter", "_scopes", "meter")
+
+    def __init__(self, limiter: RateLimiter, scopes: tuple[Scope, ...], meter: UsageMeter) -> None:
+        self._limiter: RateLimiter | None = limiter
+        self._scopes = scopes
+        self.meter = meter
+
+    def done(self) -> None:
+        """Settle once (later calls do nothing)."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            try:
+                limiter.settle(self._scopes, self.meter.tokens)
+            except Exception:
+                log.exception("token settlement failed")
+
+
+class SettledBody:
+    """A short answer sent in one write; its tokens are settled when the server closes it (after sending)."""
+
+    __slots__ = ("_data", "_settlement")
+
+    def __init__(self, data: bytes, settlement: Settlement) -> None:
+        self._data = data
+        self._settlement = settlement
+        settlement.meter.feed(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter((self._data,))
+
+    def __len__(self) -> int:
+        return 1
+
+    def close(self) -> None:
+        """The answer is out: settle its tokens."""
+        self._settlement.done()
+
+
 class Relay:
     """Streams an upstream body to the client as each chunk arrives; closes the upstream the moment the client goes.
 
@@ -172,10 +233,29 @@ class Relay:
     disconnect at once rather than at its next chunk.
     """
 
-    __slots__ = ("_chunks", "_client_gone", "_client_socket", "_done", "_shape", "_sse", "_upstream", "_watcher")
+    __slots__ = (
+        "_chunks",
+        "_client_gone",
+        "_client_socket",
+        "_done",
+        "_settlement",
+        "_shape",
+        "_sse",
+        "_upstream",
+        "_watcher",
+    )
 
-    def __init__(self, upstream: Any, *, sse: bool, shape: errors.ErrorShape, client_socket: Any = None) -> None:
+    def __init__(
+        self,
+        upstream: Any,
+        *,
+        sse: bool,
+        shape: errors.ErrorShape,
+        client_socket: Any = None,
+        settlement: Settlement | None = None,
+    ) -> None:
         self._upstream = upstream
+        self._settlement = settlement
         self._sse = sse
         self._shape = shape
         self._client_socket = client_socket
@@ -203,7 +283,14 @@ class Relay:
                 chunks: Iterable[bytes] = upstream.read_chunked(CHUNK_SIZE, decode_content=False)
             else:
                 chunks = iter(lambda: upstream.read1(CHUNK_SIZE, decode_content=False), b"")
-            yield from chunks
+            settlement = self._settlement
+            if settlement is None:
+                yield from chunks
+            else:
+                meter = settlement.meter
+                for chunk in chunks:
+                    meter.feed(chunk)  # usage comes in the last events: scanned as they pass, never held back
+                    yield chunk
             self._done = True
         except (HTTPError, OSError, ValueError) as exc:
             if self._client_gone:
@@ -239,13 +326,15 @@ class Relay:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.kill(block=False)
-        if self._upstream is None:
-            return
         upstream, self._upstream = self._upstream, None
-        if self._done:
-            upstream.release_conn()
-        else:
-            upstream.close()
+        if upstream is not None:
+            if self._done:
+                upstream.release_conn()
+            else:
+                upstream.close()  # first: the upstream must hear of a disconnect before anything else is done
+        settlement, self._settlement = self._settlement, None
+        if settlement is not None:
+            settlement.done()
 
 
 def stream_error_event(shape: errors.ErrorShape, error: ParleyError) -> bytes:

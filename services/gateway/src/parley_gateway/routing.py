@@ -24,10 +24,13 @@ class Route:
     upstream: Upstream
     authenticate: bool
     shape: ErrorShape
+    # Rate-limited (requests and tokens per minute): the inference routes; listing models or usage is not.
+    limited: bool = False
 
 
 LLM_PREFIXES = ("/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models", "/v1/usage")
 JOBS_PREFIXES = ("/v1/files", "/v1/batches")
+LIMITED_PREFIXES = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/embeddings"})
 # Auth endpoints only services may call: they answer 404 at the edge, as if they did not exist.
 HIDDEN_AUTH_PREFIXES = ("/auth/internal", "/auth/service-token")
 
@@ -42,6 +45,7 @@ _V1_ROUTES = tuple(
             Upstream.LLM if prefix in LLM_PREFIXES else Upstream.JOBS,
             authenticate=True,
             shape=ErrorShape.ANTHROPIC if prefix == "/v1/messages" else ErrorShape.OPENAI,
+            limited=prefix in LIMITED_PREFIXES,
         ),
     )
     for prefix in LLM_PREFIXES + JOBS_PREFIXES

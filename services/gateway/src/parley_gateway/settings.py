@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from parley_kit.settings import ServiceSettings
@@ -46,3 +46,41 @@ class GatewaySettings(ServiceSettings):
     # Listen to auth's identity events (key.revoked, user.disabled, password.changed) on the broker.
     revocation_events: bool = True
     access_log: bool = True
+
+    # Rate limits, shared by every gateway process through Redis. 0 turns a limit off. A token's `rpm`/`tpm` claims,
+    # when present, replace the per-key limits (or the per-user ones for a token without `key_id`).
+    redis_url: str | None = None
+    redis_prefix: str = "parley:"
+    # Redis must answer quickly or not at all: the check is on every limited request's path.
+    redis_timeout: float = Field(0.25, gt=0)
+    rate_limit_key_rpm: int = Field(600, ge=0)
+    rate_limit_key_tpm: int = Field(1_000_000, ge=0)
+    rate_limit_user_rpm: int = Field(1200, ge=0)
+    rate_limit_user_tpm: int = Field(2_000_000, ge=0)
+    # Redis down: "closed" refuses limited requests with 503, "open" lets them through (both set the degraded gauge).
+    rate_limit_failure_mode: Literal["closed", "open"] = "closed"
+
+    # Browser origins allowed to call the API, comma-separated exact matches ("https://app.example.com"); empty = none.
+    cors_origins: str = ""
+    cors_max_age: int = Field(600, ge=0)
+    # How long the gateway keeps each service's OpenAPI document for /docs.
+    docs_cache_ttl: float = Field(60.0, ge=0)
+
+    @property
+    def cors_allowed(self) -> frozenset[str]:
+        """The CORS allow-list as a set of origins."""
+        return frozenset(origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip())
+
+    @property
+    def rate_limits_enabled(self) -> bool:
+        """Whether any limit is on."""
+        return any(
+            (self.rate_limit_key_rpm, self.rate_limit_key_tpm, self.rate_limit_user_rpm, self.rate_limit_user_tpm)
+        )
+
+    @model_validator(mode="after")
+    def _limits_need_redis(self) -> GatewaySettings:
+        """Per-process limits would multiply by the number of processes: only a developer's machine may have them."""
+        if self.rate_limits_enabled and not self.redis_url and not self.is_development:
+            raise ValueError("GATEWAY_REDIS_URL is required for rate limits outside development (or set them to 0)")
+        return self

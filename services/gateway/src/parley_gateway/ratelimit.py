@@ -1,0 +1,402 @@
+"""Rate limits per API key and per user: requests per minute and tokens per minute, shared through Redis.
+
+Requests are counted in a sliding window (a sorted set of admission times per key or user), so "20 per minute" never
+admits a 21st request inside any 60 s, even across a minute boundary or across gateway processes. Tokens are counted
+in fixed one-minute windows (a hash field per window) and settled after the answer from the usage the llm service
+reports: a request is admitted while the window's count is under the limit, and its tokens are added afterwards.
+
+One EVALSHA per limited request checks and counts every applicable limit at once; one more settles the tokens after
+the answer has gone out. Redis down: refuse (503, "closed") or admit ("open"), and the degraded gauge says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from parley_kit.errors import RateLimited, ServiceUnavailable
+
+from .metrics import RATELIMIT_DECISIONS, RATELIMIT_DEGRADED
+
+log = logging.getLogger(__name__)
+
+WINDOW_MS = 60_000
+# After a Redis failure, requests skip Redis for this long (a black-holed Redis must not cost each request a timeout).
+REDIS_RETRY_AFTER = 1.0
+
+# KEYS: per scope, its request log (sorted set) then its token windows (hash).
+# ARGV: window (ms), a unique member for this request, then per scope: rpm, tpm (0 = off).
+# Returns {limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, per scope: used_req, reset_req_ms, used_tok}.
+CHECK_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local slot = math.floor(now / window)
+local token_reset = (slot + 1) * window - now
+local scopes = #KEYS / 2
+local limited, kind, retry = 0, 0, 0
+local out = {}
+for i = 1, scopes do
+  local rpm, tpm = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local used_req, reset_req, used_tok = 0, 0, 0
+  if rpm > 0 then
+    local log_key = KEYS[2 * i - 1]
+    redis.call('ZREMRANGEBYSCORE', log_key, '-inf', now - window)
+    used_req = redis.call('ZCARD', log_key)
+    if used_req > 0 then
+      local oldest = redis.call('ZRANGE', log_key, 0, 0, 'WITHSCORES')
+      reset_req = tonumber(oldest[2]) + window - now
+    end
+    if used_req >= rpm then
+      limited, kind, retry = 1, 1, math.max(retry, reset_req)
+    end
+  end
+  if tpm > 0 then
+    used_tok = tonumber(redis.call('HGET', KEYS[2 * i], slot) or '0')
+    if used_tok >= tpm then
+      limited, retry = 1, math.max(retry, token_reset)
+      if kind == 0 then kind = 2 end
+    end
+  end
+  out[#out + 1] = used_req
+  out[#out + 1] = reset_req
+  out[#out + 1] = used_tok
+end
+if limited == 0 then
+  for i = 1, scopes do
+    if tonumber(ARGV[1 + 2 * i]) > 0 then
+      redis.call('ZADD', KEYS[2 * i - 1], now, ARGV[2])
+      redis.call('PEXPIRE', KEYS[2 * i - 1], window)
+    end
+  end
+end
+local result = {limited, kind, retry, token_reset}
+for _, value in ipairs(out) do result[#result + 1] = value end
+return result
+"""
+
+# KEYS: token window hashes. ARGV: window (ms), tokens. Older windows are dropped as the current one is written.
+SETTLE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local slot = math.floor(now / window)
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, slot, ARGV[2])
+  if redis.call('HLEN', key) > 1 then
+    for _, field in ipairs(redis.call('HKEYS', key)) do
+      if tonumber(field) < slot then redis.call('HDEL', key, field) end
+    end
+  end
+  redis.call('PEXPIRE', key, window * 2)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request acts as, for limiting: the user, the API key (if any) and limits the token itself carries."""
+
+    user_id: str
+    key_id: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One limited subject (a key or a user) with its limits (0 = off)."""
+
+    kind: str  # "key" | "user"
+    subject: str
+    rpm: int
+    tpm: int
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultLimits:
+    """The limits from settings, per key and per user."""
+
+    key_rpm: int
+    key_tpm: int
+    user_rpm: int
+    user_tpm: int
+
+    def scopes(self, principal: Principal) -> tuple[Scope, ...]:
+        """The limits that apply to this principal: its key's (if any) and its user's; token claims override."""
+        scopes = []
+        if principal.key_id is not None:
+            rpm = principal.rpm if principal.rpm is not None else self.key_rpm
+            tpm = principal.tpm if principal.tpm is not None else self.key_tpm
+            scopes.append(Scope("key", principal.key_id, rpm, tpm))
+            user_rpm, user_tpm = self.user_rpm, self.user_tpm
+        else:
+            user_rpm = principal.rpm if principal.rpm is not None else self.user_rpm
+            user_tpm = principal.tpm if principal.tpm is not None else self.user_tpm
+        scopes.append(Scope("user", principal.user_id, user_rpm, user_tpm))
+        return tuple(scope for scope in scopes if scope.rpm or scope.tpm)
+
+
+@dataclass(slots=True)
+class Decision:
+    """An admitted request: the headers to add to its answer and the scopes its tokens are settled on."""
+
+    headers: list[tuple[str, str]]
+    token_scopes: tuple[Scope, ...]
+
+
+class RateLimiter(Protocol):
+    """Checks and counts a request against its scopes; settles tokens after the answer."""
+
+    def admit(self, scopes: tuple[Scope, ...]) -> Decision:
+        """Count the request or raise RateLimited (429) / ServiceUnavailable (503 when limits cannot be checked)."""
+        ...
+
+    def settle(self, scopes: tuple[Scope, ...], tokens: int) -> None:
+        """Add the tokens a request used to its scopes' current windows."""
+        ...
+
+
+def decide(
+    scopes: tuple[Scope, ...],
+    *,
+    limited: bool,
+    kind: int,
+    retry_ms: float,
+    token_reset_ms: float,
+    usage: list[tuple[int, float, int]],
+) -> Decision:
+    """Turn the counters into a Decision or a RateLimited error with OpenAI-style headers (tightest scope wins)."""
+    headers = rate_limit_headers(scopes, usage, token_reset_ms, admitted=not limited)
+    if limited:
+        what = "requests" if kind == 1 else "tokens"
+        RATELIMIT_DECISIONS.labels("limited", what).inc()
+        retry_after = max(1, math.ceil(retry_ms / 1000))
+        raise RateLimited(
+            f"rate limit reached for {what} per minute; retry in {retry_after}s",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after), **dict(headers)},
+        )
+    if any(scope.rpm for scope in scopes):
+        RATELIMIT_DECISIONS.labels("allowed", "requests").inc()
+    if any(scope.tpm for scope in scopes):
+        RATELIMIT_DECISIONS.labels("allowed", "tokens").inc()
+    return Decision(headers, tuple(scope for scope in scopes if scope.tpm))
+
+
+def rate_limit_headers(
+    scopes: tuple[Scope, ...], usage: list[tuple[int, float, int]], token_reset_ms: float, *, admitted: bool
+) -> list[tuple[str, str]]:
+    """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the scope with the least left of each kind."""
+    headers: list[tuple[str, str]] = []
+    requests = [
+        (scope.rpm - used - (1 if admitted else 0), scope.rpm, reset if reset or not admitted else WINDOW_MS)
+        for scope, (used, reset, _tokens) in zip(scopes, usage, strict=True)
+        if scope.rpm
+    ]
+    if requests:
+        remaining, limit, reset = min(requests)
+        headers += [
+            ("x-ratelimit-limit-requests", str(limit)),
+            ("x-ratelimit-remaining-requests", str(max(0, remaining))),
+            ("x-ratelimit-reset-requests", duration(reset)),
+        ]
+    tokens = [
+        (scope.tpm - used_tokens, scope.tpm)
+        for scope, (_used, _reset, used_tokens) in zip(scopes, usage, strict=True)
+        if scope.tpm
+    ]
+    if tokens:
+        remaining, limit = min(tokens)
+        headers += [
+            ("x-ratelimit-limit-tokens", str(limit)),
+            ("x-ratelimit-remaining-tokens", str(max(0, remaining))),
+            ("x-ratelimit-reset-tokens", duration(token_reset_ms)),
+        ]
+    return headers
+
+
+def duration(milliseconds: float) -> str:
+    """A reset time as OpenAI writes it: `850ms`, `12s`, `1m30s`."""
+    if milliseconds < 1000:
+        return f"{max(0, int(milliseconds))}ms"
+    seconds = math.ceil(milliseconds / 1000)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+class RedisRateLimiter:
+    """Limits shared by every gateway process through one Redis (one EVALSHA per check, one per settlement)."""
+
+    def __init__(self, url: str, *, prefix: str, timeout: float, failure_mode: str) -> None:
+        # No retries and short timeouts: a slow Redis must not become a slow gateway.
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._prefix = prefix
+        self._fail_open = failure_mode == "open"
+        self._check = self._redis.register_script(CHECK_SCRIPT)
+        self._settle = self._redis.register_script(SETTLE_SCRIPT)
+        self._degraded = False
+        self._skip_until = 0.0
+
+    def ping(self) -> None:
+        """Readiness: raise when Redis does not answer."""
+        self._redis.ping()
+
+    def admit(self, scopes: tuple[Scope, ...]) -> Decision:
+        """Check and count every scope in one round trip."""
+        if self._skip_until > time.monotonic():
+            return self._unavailable()
+        keys: list[str] = []
+        args: list[int | str] = [WINDOW_MS, uuid.uuid4().hex]
+        for scope in scopes:
+            keys += [self._key(scope, "req"), self._key(scope, "tok")]
+            args += [scope.rpm, scope.tpm]
+        try:
+            result = self._check(keys=keys, args=args)
+        except redis.RedisError as exc:
+            return self._failed(exc)
+        self._recovered()
+        limited, kind, retry_ms, token_reset_ms = (int(value) for value in result[:4])
+        usage = [(int(result[i]), float(result[i + 1]), int(result[i + 2])) for i in range(4, len(result), 3)]
+        return decide(
+            scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
+        )
+
+    def settle(self, scopes: tuple[Scope, ...], tokens: int) -> None:
+        """Add the tokens to each scope's current window; a failure is logged (the answer has already gone out)."""
+        if tokens <= 0 or not scopes or self._skip_until > time.monotonic():
+            return
+        try:
+            self._settle(keys=[self._key(scope, "tok") for scope in scopes], args=[WINDOW_MS, tokens])
+        except redis.RedisError as exc:
+            log.warning("could not settle tokens in Redis", extra={"error.type": type(exc).__name__})
+
+    def _key(self, scope: Scope, what: str) -> str:
+        return f"{self._prefix}ratelimit:{scope.kind}:{scope.subject}:{what}"
+
+    def _failed(self, exc: Exception) -> Decision:
+        self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
+        if not self._degraded:
+            self._degraded = True
+            RATELIMIT_DEGRADED.set(1)
+            log.error("Redis is unreachable: rate limits are degraded", extra={"error.type": type(exc).__name__})
+        return self._unavailable()
+
+    def _unavailable(self) -> Decision:
+        if self._fail_open:
+            return Decision([], ())
+        raise ServiceUnavailable("rate limits cannot be checked right now; retry shortly", headers={"Retry-After": "1"})
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            RATELIMIT_DEGRADED.set(0)
+            log.warning("Redis answers again: rate limits are enforced")
+
+
+class LocalRateLimiter:
+    """The same limits kept in this process only (`make run` without Redis): each process counts on its own."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str], deque[float]] = {}
+        self._tokens: dict[tuple[str, str], tuple[int, int]] = {}  # (kind, subject) -> (window, tokens)
+        self._lock = threading.Lock()
+
+    def admit(self, scopes: tuple[Scope, ...]) -> Decision:
+        """Check and count under a lock (the process's own atomic step)."""
+        now = time.time() * 1000
+        slot = int(now // WINDOW_MS)
+        token_reset = (slot + 1) * WINDOW_MS - now
+        limited, kind, retry = False, 0, 0.0
+        usage = []
+        with self._lock:
+            for scope in scopes:
+                used_req, reset_req, used_tok = 0, 0.0, 0
+                times = self._requests.setdefault((scope.kind, scope.subject), deque())
+                if scope.rpm:
+                    while times and times[0] <= now - WINDOW_MS:
+                        times.popleft()
+                    used_req = len(times)
+                    reset_req = times[0] + WINDOW_MS - now if times else 0.0
+                    if used_req >= scope.rpm:
+                        limited, kind, retry = True, 1, max(retry, reset_req)
+                if scope.tpm:
+                    window, count = self._tokens.get((scope.kind, scope.subject), (slot, 0))
+                    used_tok = count if window == slot else 0
+                    if used_tok >= scope.tpm:
+                        limited, retry = True, max(retry, token_reset)
+                        kind = kind or 2
+                usage.append((used_req, reset_req, used_tok))
+            if not limited:
+                for scope in scopes:
+                    if scope.rpm:
+                        self._requests[(scope.kind, scope.subject)].append(now)
+        return decide(scopes, limited=limited, kind=kind, retry_ms=retry, token_reset_ms=token_reset, usage=usage)
+
+    def settle(self, scopes: tuple[Scope, ...], tokens: int) -> None:
+        """Add the tokens to the current window."""
+        if tokens <= 0:
+            return
+        slot = int(time.time() * 1000 // WINDOW_MS)
+        with self._lock:
+            for scope in scopes:
+                window, count = self._tokens.get((scope.kind, scope.subject), (slot, 0))
+                self._tokens[(scope.kind, scope.subject)] = (slot, (count if window == slot else 0) + tokens)
+
+
+_USAGE = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+_TAIL = 64
+
+
+class UsageMeter:
+    """Finds the usage an answer reports, as its bytes pass: OpenAI `usage` (JSON or the last SSE chunk) or Anthropic
+    `message_start`/`message_delta` (cumulative). Only the last value of each counter counts, so a counter split across
+    two chunks or seen twice never counts double. Without any usage (a stream whose client did not ask for it), the
+    tokens are estimated: a quarter of the request body's bytes plus one per streamed delta."""
+
+    __slots__ = ("_deltas", "_request_bytes", "_seen", "_tail")
+
+    def __init__(self, request_bytes: int) -> None:
+        self._request_bytes = request_bytes
+        self._seen: dict[bytes, int] = {}
+        self._tail = b""
+        self._deltas = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Scan one chunk (plus the end of the previous one, for counters cut in two)."""
+        self._deltas += chunk.count(b'"delta"')
+        data = self._tail + chunk
+        if b"_tokens" in data:
+            for name, value in _USAGE.findall(data):
+                self._seen[name] = int(value)
+        self._tail = chunk[-_TAIL:]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens used: reported totals when present, else the estimate."""
+        seen = self._seen
+        if b"total_tokens" in seen:
+            return seen[b"total_tokens"]
+        if b"prompt_tokens" in seen or b"completion_tokens" in seen:
+            return seen.get(b"prompt_tokens", 0) + seen.get(b"completion_tokens", 0)
+        if b"input_tokens" in seen or b"output_tokens" in seen:
+            return seen.get(b"input_tokens", 0) + seen.get(b"output_tokens", 0)
+        return self._request_bytes // 4 + self._deltas

@@ -1,0 +1,313 @@
+"""Rate limits: the usage meter and header maths (unit), then the gateway app on the REAL Redis and fake provider."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from parley_gateway import GatewaySettings, create_app
+from parley_gateway.ratelimit import (
+    DefaultLimits,
+    LocalRateLimiter,
+    Principal,
+    Scope,
+    UsageMeter,
+    duration,
+)
+from parley_kit.errors import RateLimited
+from parley_kit.testing import TokenMint, free_port
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(text: str, **extra: object) -> bytes:
+    """A chat completion request body."""
+    return orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra})
+
+
+# ----- unit: the meter, the header maths, the limits' scopes, the in-process limiter ----------------------------
+
+
+def test_meter_reads_openai_json_usage() -> None:
+    """A non-streamed answer: `total_tokens` of its usage."""
+    meter = UsageMeter(request_bytes=400)
+    meter.feed(b'{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}')
+    assert meter.tokens == 42
+
+
+def test_meter_reads_openai_stream_usage_split_across_chunks() -> None:
+    """The usage chunk of a stream, cut in the middle of a counter, still counts once and exactly."""
+    meter = UsageMeter(request_bytes=400)
+    meter.feed(b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n')
+    meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_to')
+    meter.feed(b'kens":12}}\n\ndata: [DONE]\n\n')
+    assert meter.tokens == 12
+
+
+def test_meter_reads_anthropic_cumulative_usage() -> None:
+    """Anthropic: input from message_start, the LAST cumulative output_tokens (not the sum of events)."""
+    meter = UsageMeter(request_bytes=400)
+    meter.feed(
+        b'event: message_start\ndata: {"message":{"usage":{"input_tokens":10,'
+        b'"cache_creation_input_tokens":99,"output_tokens":1}}}\n\n'
+    )
+    meter.feed(b'event: content_block_delta\ndata: {"delta":{"text":"hi"}}\n\n')
+    meter.feed(b'event: message_delta\ndata: {"delta":{},"usage":{"output_tokens":25}}\n\n')
+    assert meter.tokens == 35
+
+
+def test_meter_estimates_without_usage() -> None:
+    """A stream without usage (the client did not ask for it): a quarter of the request bytes plus one per delta."""
+    meter = UsageMeter(request_bytes=400)
+    for _ in range(6):
+        meter.feed(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
+    assert meter.tokens == 100 + 6
+
+
+def test_content_cannot_fake_usage() -> None:
+    """Text mentioning a counter is JSON-escaped (`\\"`), so it never matches a real counter."""
+    meter = UsageMeter(request_bytes=0)
+    meter.feed(b'{"content":"\\"total_tokens\\": 1","usage":{"total_tokens":9}}')
+    assert meter.tokens == 9
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (850, "850ms"), (1000, "1s"), (12_300, "13s"), (90_000, "1m30s")])
+def test_reset_durations_read_like_openais(ms: float, text: str) -> None:
+    """`x-ratelimit-reset-*` values as OpenAI writes them."""
+    assert duration(ms) == text
+
+
+def test_scopes_from_settings_and_claims() -> None:
+    """A key token has a key scope and a user scope; `rpm`/`tpm` claims replace the key's defaults (or the user's)."""
+    limits = DefaultLimits(key_rpm=10, key_tpm=100, user_rpm=20, user_tpm=0)
+    assert limits.scopes(Principal("u1", "k1")) == (Scope("key", "k1", 10, 100), Scope("user", "u1", 20, 0))
+    assert limits.scopes(Principal("u1", "k1", rpm=3)) == (Scope("key", "k1", 3, 100), Scope("user", "u1", 20, 0))
+    assert limits.scopes(Principal("u1", None, rpm=5, tpm=7)) == (Scope("user", "u1", 5, 7),)
+    assert DefaultLimits(0, 0, 0, 0).scopes(Principal("u1", "k1")) == ()
+
+
+def test_local_limiter_counts_requests_and_settles_tokens() -> None:
+    """The in-process fallback has the same rules: N requests per window, tokens admitted while under the limit."""
+    limiter = LocalRateLimiter()
+    scopes = (Scope("key", "k", 2, 50),)
+    first = limiter.admit(scopes)
+    assert dict(first.headers)["x-ratelimit-remaining-requests"] == "1"
+    limiter.settle(first.token_scopes, 60)  # over the token limit after the fact ...
+    with pytest.raises(RateLimited) as caught:
+        limiter.admit(scopes)  # ... so the next request is refused for tokens
+    assert "tokens" in caught.value.detail
+    assert int(caught.value.headers["Retry-After"]) >= 1
+    requests_only = (Scope("user", "u", 2, 0),)
+    limiter.admit(requests_only)
+    limiter.admit(requests_only)
+    with pytest.raises(RateLimited) as caught:
+        limiter.admit(requests_only)
+    assert caught.value.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+# ----- the app on the real Redis --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client to read the counters."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def limited(settings: GatewaySettings, redis_url: str, redis_prefix: str) -> GatewaySettings:
+    """Settings with Redis and low limits: 3 requests per minute per key, 40 tokens per minute per user."""
+    return settings.model_copy(
+        update={
+            "redis_url": redis_url,
+            "redis_prefix": f"{redis_prefix}{uuid.uuid4().hex[:8]}:",
+            "rate_limit_key_rpm": 3,
+            "rate_limit_key_tpm": 0,
+            "rate_limit_user_rpm": 0,
+            "rate_limit_user_tpm": 40,
+        }
+    )
+
+
+@pytest.fixture
+def limited_client(limited: GatewaySettings) -> Iterator[FlaskClient]:
+    """The app with those limits."""
+    app = create_app(limited)
+    yield app.test_client()
+    app.extensions["parley_gateway"].close()
+
+
+def key_token(token_mint: TokenMint, **claims: object) -> dict[str, str]:
+    """Headers with a fresh user's key token (fresh ids: each test starts with empty counters)."""
+    token = token_mint.mint(f"u-{uuid.uuid4().hex[:8]}", key_id=f"k-{uuid.uuid4().hex[:8]}", **claims)
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def test_requests_per_minute_per_key(limited_client: FlaskClient, token_mint: TokenMint) -> None:
+    """3 per minute: remaining counts down 2, 1, 0; the 4th is 429 with Retry-After and the headers, OpenAI shape."""
+    headers = key_token(token_mint)
+    remaining = []
+    for _ in range(3):
+        response = limited_client.post(CHAT, data=chat("hi #fake:tokens=1"), headers=headers)
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(response.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+    refused = limited_client.post(CHAT, data=chat("hi"), headers=headers)
+    assert refused.status_code == 429
+    assert refused.json["error"]["type"] == "rate_limit_error"
+    assert refused.json["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    # another key of another user is not affected
+    assert limited_client.post(CHAT, data=chat("hi"), headers=key_token(token_mint)).status_code == 200
+
+
+def test_429_on_messages_is_in_anthropic_shape(limited_client: FlaskClient, token_mint: TokenMint) -> None:
+    """The limit holds on /v1/messages too, refused in the Anthropic error shape."""
+    headers = key_token(token_mint, rpm=1)
+    body = orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]})
+    assert limited_client.post("/v1/messages", data=body, headers=headers).status_code == 200
+    refused = limited_client.post("/v1/messages", data=body, headers=headers)
+    assert refused.status_code == 429
+    assert refused.json == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": refused.json["error"]["message"]},
+    }
+    assert "Retry-After" in refused.headers
+
+
+def test_token_claims_override_the_defaults(limited_client: FlaskClient, token_mint: TokenMint) -> None:
+    """A token carrying `rpm: 1` gets one request a minute, not the default 3."""
+    headers = key_token(token_mint, rpm=1)
+    assert limited_client.post(CHAT, data=chat("hi"), headers=headers).status_code == 200
+    assert limited_client.post(CHAT, data=chat("hi"), headers=headers).status_code == 429
+
+
+def test_tokens_are_settled_from_reported_usage(
+    limited_client: FlaskClient, limited: GatewaySettings, token_mint: TokenMint, redis_client: redis.Redis
+) -> None:
+    """The tokens counted in Redis are the usage the answer reports; over 40 the next request is refused for tokens,
+    though it was admitted while under the limit."""
+    subject = f"u-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {token_mint.mint(subject)}", "Content-Type": "application/json"}
+    first = limited_client.post(CHAT, data=chat("count me #fake:tokens=45"), headers=headers, buffered=True)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-tokens"] == "40"  # nothing counted before the answer
+    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
+    assert [int(value) for value in counted] == [first.json["usage"]["total_tokens"]]
+    assert first.json["usage"]["total_tokens"] > 40
+    second = limited_client.post(CHAT, data=chat("again"), headers=headers)
+    assert second.status_code == 429
+    assert "tokens" in second.json["error"]["message"]
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_stream_tokens_are_settled_from_the_last_events(
+    limited_client: FlaskClient, limited: GatewaySettings, token_mint: TokenMint, redis_client: redis.Redis
+) -> None:
+    """A relayed stream's usage chunk is read as it passes: the count equals the usage the client saw."""
+    subject = f"u-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {token_mint.mint(subject)}", "Content-Type": "application/json"}
+    response = limited_client.post(
+        CHAT,
+        data=chat("stream #fake:tokens=6", stream=True, stream_options={"include_usage": True}),
+        headers=headers,
+        buffered=False,
+    )
+    events = b"".join(response.response)
+    response.close()
+    usage_line = [line for line in events.split(b"\n\n") if b'"usage":{' in line][-1]
+    reported = orjson.loads(usage_line.removeprefix(b"data: "))["usage"]["total_tokens"]
+    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
+    assert [int(value) for value in counted] == [reported]
+
+
+def test_anthropic_stream_tokens_are_input_plus_last_output(
+    limited_client: FlaskClient, limited: GatewaySettings, token_mint: TokenMint, redis_client: redis.Redis
+) -> None:
+    """An Anthropic stream: input tokens from message_start plus the final cumulative output tokens."""
+    subject = f"u-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {token_mint.mint(subject)}", "Content-Type": "application/json"}
+    body = orjson.dumps(
+        {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 64,
+            "stream": True,
+            "messages": [{"role": "user", "content": "tell me #fake:tokens=7"}],
+        }
+    )
+    response = limited_client.post("/v1/messages", data=body, headers=headers, buffered=False)
+    events = b"".join(response.response)
+    response.close()
+    payloads = [orjson.loads(line[6:]) for line in events.split(b"\n") if line.startswith(b"data: ")]
+    started = next(p for p in payloads if p["type"] == "message_start")["message"]["usage"]["input_tokens"]
+    finished = [p for p in payloads if p["type"] == "message_delta"][-1]["usage"]["output_tokens"]
+    assert finished == 7
+    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
+    assert [int(value) for value in counted] == [started + finished]
+
+
+def test_unlimited_routes_and_settings_skip_redis(
+    settings: GatewaySettings, token_mint: TokenMint, redis_prefix: str
+) -> None:
+    """No limits configured: no limiter at all; /v1/models is never limited (no headers) even with limits on."""
+    off = settings.model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing there: any call would fail
+            "redis_prefix": redis_prefix,
+            "rate_limit_key_rpm": 0,
+            "rate_limit_key_tpm": 0,
+            "rate_limit_user_rpm": 0,
+            "rate_limit_user_tpm": 0,
+        }
+    )
+    app = create_app(off)
+    assert app.extensions["parley_gateway"].limiter is None
+    response = app.test_client().post(CHAT, data=chat("hi"), headers=key_token(token_mint))
+    assert response.status_code == 200
+    assert "x-ratelimit-limit-requests" not in response.headers
+    on = create_app(off.model_copy(update={"rate_limit_key_rpm": 5}))
+    models = on.test_client().get("/v1/models", headers=key_token(token_mint))
+    assert models.status_code == 200
+    assert "x-ratelimit-limit-requests" not in models.headers
+
+
+@pytest.mark.parametrize(("mode", "status"), [("closed", 503), ("open", 200)])
+def test_redis_down_refuses_or_admits_per_failure_mode(
+    settings: GatewaySettings, token_mint: TokenMint, mode: str, status: int
+) -> None:
+    """Redis unreachable: `closed` answers 503 in the route's shape, `open` lets the request through."""
+    app = create_app(
+        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "rate_limit_failure_mode": mode})
+    )
+    response = app.test_client().post(CHAT, data=chat("hi"), headers=key_token(token_mint))
+    assert response.status_code == status
+    if status == 503:
+        assert response.json["error"]["type"] == "server_error"
+        assert "rate limits" in response.json["error"]["message"]
+
+
+def test_limits_need_redis_outside_development() -> None:
+    """Per-process limits outside development would multiply by the process count: refused at start-up."""
+    with pytest.raises(ValueError, match="GATEWAY_REDIS_URL"):
+        GatewaySettings(environment="production", client_secret="a-real-secret-for-this-test")
+    assert (
+        GatewaySettings(
+            environment="production",
+            client_secret="a-real-secret-for-this-test",
+            rate_limit_key_rpm=0,
+            rate_limit_key_tpm=0,
+            rate_limit_user_rpm=0,
+            rate_limit_user_tpm=0,
+        ).redis_url
+        is None
+    )
