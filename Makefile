@@ -9,7 +9,7 @@ PY := .venv/bin/python
 SERVICES := auth llm jobs gateway
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps run test test-unit test-integration lint fmt clean
+.PHONY: help install system-deps run test test-unit test-integration bench bench-smoke lint fmt clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -36,6 +36,12 @@ test-unit: install ## Only the fast tests (no integration tier)
 
 test-integration: install ## Only tests/integration (the whole platform as real processes)
 	@$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: install ## Benchmarks (issue #8): nginx + fake provider + the platform on fresh PostgreSQL databases -> bench/results/
+	@$(PY) -m bench $(BENCH_ARGS)
+
+bench-smoke: install ## The benchmark harness in about a minute (every scenario, minimal sizes) -> bench/results/tmp/
+	@$(PY) -m bench --smoke $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check
 	@$(PY) -m ruff check .
