@@ -121,3 +121,19 @@ def service_token(client: FlaskClient) -> Callable[[str], str]:
         return response.json["access_token"]
 
     return make
+
+
+@pytest.fixture
+def make_admin(client: FlaskClient) -> Callable[[], Account]:
+    """A new admin account (created directly, as `create-admin` does) and its first token pair."""
+    from parley_auth import service
+
+    def make() -> Account:
+        email = unique_email()
+        with client.application.extensions["parley_auth"].db.transaction() as session:
+            user_id = service.create_user(session, email=email, password=PASSWORD, role="admin").id
+        tokens = client.post("/auth/token", json={"email": email, "password": PASSWORD})
+        assert tokens.status_code == 200, tokens.json
+        return Account(user_id, email, PASSWORD, tokens.json["access_token"], tokens.json["refresh_token"])
+
+    return make

@@ -202,9 +202,11 @@ def test_start_up_leaves_exactly_one_signing_key_on_a_fresh_database(
 
 def test_openapi_documents_the_routes(client: FlaskClient) -> None:
     spec = client.get("/openapi/openapi.json").json
-    for path in ("/auth/register", "/auth/token", "/auth/api-keys", "/auth/internal/key-exchange"):
+    for path in ("/auth/register", "/auth/token", "/auth/api-keys", "/auth/internal/key-exchange", "/auth/invites"):
         assert path in spec["paths"]
-    assert "RegisterBody" in str(spec["components"])
+    assert "patch" in spec["paths"]["/auth/users/{user_id}"]
+    for schema in ("RegisterBody", "UserUpdateBody", "InviteCreatedOut"):
+        assert schema in spec["components"]["schemas"]
 
 
 def test_password_change_ends_sessions(client: FlaskClient, signup: Callable[..., Any]) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from parley_auth.models import ApiKey, Base
+
+PG_DUMP = shutil.which("pg_dump")
 
 
 def auth(token: str) -> dict[str, str]:
@@ -181,13 +187,48 @@ def test_act_as(client: FlaskClient, signup: Callable[..., Any], service_token: 
     assert client.post("/auth/internal/act-as", json={"user_id": account.id}).status_code == 401
 
 
+def _pg_dump(url: str) -> str:
+    """The database as `pg_dump` writes it (the password goes by environment, never on the command line)."""
+    parsed = make_url(url)
+    command = [
+        PG_DUMP or "pg_dump",
+        "--no-owner",
+        "--host",
+        parsed.host or "127.0.0.1",
+        "--port",
+        str(parsed.port or 5432),
+        "--username",
+        parsed.username or "postgres",
+        "--dbname",
+        parsed.database or "",
+    ]
+    env = {**os.environ, "PGPASSWORD": parsed.password or ""}
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_secrets_are_stored_only_hashed(
-    client: FlaskClient, signup: Callable[..., Any], service_token: Callable[..., str]
+    client: FlaskClient,
+    signup: Callable[..., Any],
+    service_token: Callable[..., str],
+    make_admin: Callable[[], Any],
+    auth_db_url: str,
 ) -> None:
     account = signup()
+    admin = make_admin()
     key = create_key(client, account.headers)["key"]
     refreshed = client.post("/auth/refresh", json={"refresh_token": account.refresh_token}).json["refresh_token"]
     client.post("/auth/internal/key-exchange", json={"key": key}, headers=auth(service_token()))
+    invite = client.post("/auth/invites", json={}, headers=admin.headers).json["code"]
+    secrets = {
+        "API key": key,
+        "API key body": key[len("sk-pl-") :],
+        "password": account.password,
+        "first refresh token": account.refresh_token,
+        "rotated refresh token": refreshed,
+        "admin refresh token": admin.refresh_token,
+        "invite code": invite,
+        "invite code body": invite[len("inv-") :],
+    }
 
     db = client.application.extensions["parley_auth"].db
     dump = []
@@ -197,5 +238,12 @@ def test_secrets_are_stored_only_hashed(
                 dump.append(" ".join(str(value) for value in row))
     text = "\n".join(dump)
     assert account.email in text  # the scan does see the rows
-    for secret in (key, key[len("sk-pl-") :], account.password, account.refresh_token, refreshed):
-        assert secret not in text
+    for name, secret in secrets.items():
+        assert secret not in text, name
+
+    if PG_DUMP is None:
+        pytest.skip("pg_dump is not installed")
+    dumped = _pg_dump(auth_db_url)
+    assert account.email in dumped and "COPY public.invites" in dumped
+    for name, secret in secrets.items():
+        assert secret not in dumped, name

@@ -12,7 +12,7 @@ import pytest
 from flask.testing import FlaskClient
 from pika.adapters.blocking_connection import BlockingChannel
 
-from parley_auth import create_app
+from parley_auth import create_app, service
 from parley_auth.settings import AuthSettings
 from parley_kit.testing import free_port
 
@@ -115,3 +115,38 @@ def test_an_unreachable_broker_does_not_fail_the_revocation(make_settings: Calla
     refused = client.post("/auth/internal/key-exchange", json={"key": created["key"]}, headers=auth(gateway))
     assert refused.status_code == 401
     app.extensions["parley_auth"].db.dispose()
+
+
+def no_message(channel: Any, queue: str) -> None:
+    """Nothing is waiting on the queue (events are published before the route answers, so no wait is needed)."""
+    channel.connection.process_data_events(time_limit=0)
+    method, _properties, body = channel.basic_get(queue, auto_ack=True)
+    assert method is None, body
+
+
+def test_patch_publishes_user_disabled_once_and_re_enable_publishes_nothing(
+    events_client: FlaskClient, events_queue: Any
+) -> None:
+    channel, queue = events_queue
+    with events_client.application.extensions["parley_auth"].db.transaction() as session:
+        service.create_user(session, email="events-patch-admin@example.com", password=PASSWORD, role="admin")
+    login = {"email": "events-patch-admin@example.com", "password": PASSWORD}
+    admin_token = events_client.post("/auth/token", json=login).json["access_token"]
+    user_id, _ = register(events_client, "events-patched@example.com")
+    path, headers = f"/auth/users/{user_id}", auth(admin_token)
+
+    assert events_client.patch(path, json={"disabled": True}, headers=headers).status_code == 200
+    message = next_message(channel, queue)
+    assert message["type"] == "user.disabled" and message["data"] == {"user_id": user_id}
+    assert events_client.patch(path, json={"disabled": True}, headers=headers).status_code == 200  # already disabled
+    assert events_client.patch(path, json={"disabled": False, "role": "admin"}, headers=headers).status_code == 200
+    no_message(channel, queue)
+
+
+def test_password_changed_is_published(events_client: FlaskClient, events_queue: Any) -> None:
+    channel, queue = events_queue
+    user_id, token = register(events_client, "events-password@example.com")
+    change = {"current_password": PASSWORD, "new_password": "another long password"}
+    assert events_client.post("/auth/password", json=change, headers=auth(token)).status_code == 204
+    message = next_message(channel, queue)
+    assert message["type"] == "password.changed" and message["data"] == {"user_id": user_id}

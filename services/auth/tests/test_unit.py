@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 import pytest
 from pydantic import ValidationError
@@ -16,6 +17,7 @@ from parley_auth.service import (
     password_hasher,
 )
 from parley_auth.settings import AuthSettings
+from parley_auth.throttle import LoginAttempt, client_address
 
 
 def test_defaults_match_the_design() -> None:
@@ -27,6 +29,8 @@ def test_defaults_match_the_design() -> None:
     assert (settings.access_token_ttl, settings.key_token_ttl, settings.refresh_token_ttl) == (900, 300, 2_592_000)
     assert set(settings.service_clients) == {"gateway", "jobs"}
     assert settings.registration == "open"
+    assert (settings.login_window, settings.login_max_failures_per_account) == (900, 10)
+    assert settings.login_max_failures_per_address > settings.login_max_failures_per_account
 
 
 def test_settings_read_the_auth_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,3 +91,53 @@ def test_passwords_use_argon2id_at_owasp_parameters() -> None:
     hashed = hasher.hash("a password")
     assert hashed.startswith("$argon2id$") and "m=19456,t=2,p=1" in hashed
     assert dummy_hash().startswith("$argon2id$") and dummy_hash() == dummy_hash()
+
+
+PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("203.0.113.9", None, "203.0.113.9"),  # a direct client
+        ("203.0.113.9", "198.51.100.1", "203.0.113.9"),  # an untrusted peer cannot claim another address
+        ("127.0.0.1", "198.51.100.1", "198.51.100.1"),  # the gateway says whom it forwards for
+        ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),  # what the client wrote itself is ignored
+        ("127.0.0.1", "6.6.6.6, 198.51.100.1, 10.1.2.3", "198.51.100.1"),  # two trusted hops
+        ("127.0.0.1", "not-an-ip", "127.0.0.1"),  # garbage from a proxy: stay with what we can vouch for
+        ("127.0.0.1", "", "127.0.0.1"),
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1"),  # a local client through the local gateway
+        ("::ffff:127.0.0.1", "198.51.100.1", "198.51.100.1"),  # IPv4-mapped peers count as their IPv4 address
+        ("127.0.0.1", " 2001:db8::1 ", "2001:db8::1"),
+        (None, "198.51.100.1", "unknown"),
+    ],
+)
+def test_client_address_trusts_forwarded_for_only_from_trusted_proxies(
+    peer: str | None, forwarded: str | None, expected: str
+) -> None:
+    assert client_address(peer, forwarded, PROXIES) == expected
+
+
+def test_client_address_with_no_trusted_proxy_is_the_peer() -> None:
+    assert client_address("127.0.0.1", "198.51.100.1", ()) == "127.0.0.1"
+
+
+def test_trusted_proxies_setting_takes_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert AuthSettings(_env_file=None).trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),)
+    monkeypatch.setenv("AUTH_TRUSTED_PROXIES", "10.0.0.0/8, ::1")
+    assert AuthSettings(_env_file=None).trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    monkeypatch.setenv("AUTH_TRUSTED_PROXIES", "")
+    assert AuthSettings(_env_file=None).trusted_proxies == ()
+    monkeypatch.setenv("AUTH_TRUSTED_PROXIES", "gateway.local")
+    with pytest.raises(ValidationError):
+        AuthSettings(_env_file=None)
+
+
+def test_login_attempt_counters_hash_the_email() -> None:
+    attempt = LoginAttempt(email=" Someone@Example.com", address="198.51.100.1")
+    assert attempt.account_subject == LoginAttempt(email="someone@example.com", address="x").account_subject
+    assert "someone" not in attempt.account_subject and len(attempt.account_subject) <= 80
+    assert attempt.address_subject == "address:198.51.100.1"

@@ -39,12 +39,13 @@ def open_database(settings: AuthSettings, health: Health) -> Database:
 
 
 def bootstrap(settings: AuthSettings, database: Database) -> None:
-    """Ensure a signing key (and the configured first admin) exist; every worker runs it, one at a time."""
-    from . import service
+    """Ensure a signing key (and the configured first admin) exist, drop stale login counters; one worker at a time."""
+    from . import service, throttle
 
     with database.transaction() as session:
         bootstrap_lock(session)
         ensure_signing_key(session)
+        throttle.purge_expired(session, settings=settings)
         if settings.admin_email and settings.admin_password:
             created = service.ensure_admin(session, email=settings.admin_email, password=settings.admin_password)
             if created is not None:

@@ -1,10 +1,10 @@
-"""The auth database: users, refresh-token families, API keys and signing keys."""
+"""The auth database: users, refresh-token families, API keys, signing keys, invites and login failures."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from parley_kit.db import UTCDateTime, make_metadata, utcnow
@@ -73,3 +73,29 @@ class SigningKey(Base):
     private_key_pem: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class Invite(Base):
+    """A single-use registration code an admin handed out; only its SHA-256 is stored."""
+
+    __tablename__ = "invites"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    used_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class LoginFailures(Base):
+    """Failed logins of one account or one client address in the current fixed window (shared by every process)."""
+
+    __tablename__ = "login_failures"
+
+    # "account:<sha256 of the email>" or "address:<ip>": hashed so arbitrary attacker input stays bounded.
+    subject: Mapped[str] = mapped_column(String(80), primary_key=True)
+    window_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    failures: Mapped[int] = mapped_column(Integer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, EmailStr, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
 Password = Annotated[str, Field(min_length=8, max_length=256, description="8 to 256 characters")]
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -13,10 +13,11 @@ Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-
 
 
 class RegisterBody(BaseModel):
-    """A new account."""
+    """A new account; `invite_code` is required when registration is by invite only."""
 
     email: EmailStr = Field(max_length=320)
     password: Password
+    invite_code: str | None = Field(None, min_length=1, max_length=200)
 
 
 class LoginBody(BaseModel):
@@ -77,6 +78,61 @@ class UserPath(BaseModel):
     """A user id in the path."""
 
     user_id: Identifier
+
+
+class UserUpdateBody(BaseModel):
+    """What an admin changes about a user: the role, the disabled flag, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["admin", "member"] | None = None
+    disabled: bool | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> UserUpdateBody:
+        if self.role is None and self.disabled is None:
+            raise ValueError("give role, disabled or both")
+        return self
+
+
+class InviteCreateBody(BaseModel):
+    """A new invite; without `expires_at` it lasts the configured invite lifetime."""
+
+    expires_at: AwareDatetime | None = None
+
+
+class InvitePath(BaseModel):
+    """An invite id in the path."""
+
+    invite_id: Identifier
+
+
+class InviteOut(BaseModel):
+    """An invite as listed: never the code."""
+
+    id: str
+    created_by: str | None
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    used_by: str | None
+    revoked_at: datetime | None
+
+
+class InviteCreatedOut(BaseModel):
+    """A new invite; `code` is shown this once and never again."""
+
+    id: str
+    code: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class InviteList(BaseModel):
+    """Every invite (admins only)."""
+
+    object: Literal["list"] = "list"
+    data: list[InviteOut]
 
 
 class UserOut(BaseModel):

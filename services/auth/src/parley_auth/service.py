@@ -16,15 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from parley_kit.db import utcnow
-from parley_kit.errors import Conflict, Forbidden, NotFound, Unauthorized
+from parley_kit.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from parley_kit.ids import new_id
 from parley_kit.tokens import SERVICE_ROLE, Identity
 
-from .models import ApiKey, RefreshToken, User
+from .models import ApiKey, Invite, RefreshToken, User
 from .settings import AuthSettings
 from .signing import Signer
 
 API_KEY_PREFIX = "sk-pl-"
+INVITE_PREFIX = "inv-"
 API_KEY_DISPLAY_LENGTH = 12
 SERVICE_SUBJECT_PREFIX = "svc:"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -79,6 +80,14 @@ class IssuedToken:
 
 
 @dataclass(frozen=True, slots=True)
+class CreatedInvite:
+    """A new invite's row and its code, which exists only in this response."""
+
+    row: Invite
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
 class CreatedApiKey:
     """A new key's row and its plaintext, which exists only in this response."""
 
@@ -118,19 +127,24 @@ def ensure_admin(session: Session, *, email: str, password: str) -> User | None:
     return create_user(session, email=email, password=password, role="admin")
 
 
-def authenticate_password(session: Session, *, email: str, password: str) -> User:
-    """The user behind an email and password, or 401 with one body for every failure."""
+def check_password(session: Session, *, email: str, password: str) -> User | None:
+    """The active user behind an email and password, or None; an unknown email costs as much as a wrong password."""
     user = session.scalars(select(User).where(User.email == email.strip().lower())).first()
     hasher = password_hasher()
     try:
         hasher.verify(user.password_hash if user else dummy_hash(), password)
-    except (VerificationError, InvalidHashError) as exc:
-        raise Unauthorized(BAD_CREDENTIALS, code="invalid_credentials") from exc
+    except (VerificationError, InvalidHashError):
+        return None
     if user is None or user.disabled:
-        raise Unauthorized(BAD_CREDENTIALS, code="invalid_credentials")
+        return None
     if hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hasher.hash(password)
     return user
+
+
+def bad_credentials() -> Unauthorized:
+    """The one answer to every failed login."""
+    return Unauthorized(BAD_CREDENTIALS, code="invalid_credentials")
 
 
 def user_for(session: Session, identity: Identity) -> User:
@@ -166,16 +180,108 @@ def list_users(session: Session) -> list[User]:
     return list(session.scalars(select(User).order_by(User.created_at, User.id)))
 
 
-def disable_user(session: Session, *, user_id: str) -> bool:
-    """Disable a user and end their sessions; True when this call disabled them (False if already disabled)."""
+def update_user(
+    session: Session, *, user_id: str, acting_admin_id: str, role: str | None, disabled: bool | None
+) -> tuple[User, bool]:
+    """Set a user's role and/or disabled flag; returns the user and whether this call disabled them.
+
+    Disabling ends every session of the user; enabling again does not bring those sessions back (the revoked
+    refresh tokens stay revoked: the user logs in anew). An admin cannot demote or disable themselves, so the
+    last admin cannot lock everyone out by accident.
+    """
     user = session.get(User, user_id)
     if user is None:
         raise NotFound("no such user", code="user_not_found")
-    if user.disabled:
-        return False
-    user.disabled = True
-    _revoke_user_sessions(session, user_id)
-    return True
+    if user_id == acting_admin_id and (disabled or (role is not None and role != user.role)):
+        raise BadRequest("admins cannot disable or demote themselves", param="user_id")
+    if role is not None:
+        user.role = role
+    newly_disabled = bool(disabled) and not user.disabled
+    if disabled is not None:
+        user.disabled = disabled
+    if newly_disabled:
+        _revoke_user_sessions(session, user_id)
+    return user, newly_disabled
+
+
+def disable_user(session: Session, *, user_id: str, acting_admin_id: str) -> bool:
+    """Disable a user and end their sessions; True when this call disabled them (False if already disabled)."""
+    return update_user(session, user_id=user_id, acting_admin_id=acting_admin_id, role=None, disabled=True)[1]
+
+
+# ----- invites ----------------------------------------------------------------------------------------------------
+
+
+def create_invite(
+    session: Session, *, settings: AuthSettings, admin: User, expires_at: datetime | None
+) -> CreatedInvite:
+    """A single-use registration code; only its SHA-256 is stored (256 random bits: nothing to brute-force)."""
+    code = INVITE_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    row = Invite(
+        id=new_id("inv"),
+        code_hash=_sha256(code),
+        created_by=admin.id,
+        created_at=now,
+        expires_at=expires_at or now + timedelta(seconds=settings.invite_ttl),
+    )
+    session.add(row)
+    session.flush()
+    return CreatedInvite(row, code)
+
+
+def list_invites(session: Session) -> list[Invite]:
+    """Every invite, newest first (never the codes: they are not stored)."""
+    return list(session.scalars(select(Invite).order_by(Invite.created_at.desc(), Invite.id)))
+
+
+def revoke_invite(session: Session, *, invite_id: str) -> None:
+    """Withdraw an unused invite; 404 when there is none (or it was used or withdrawn already)."""
+    row = session.get(Invite, invite_id)
+    if row is None or row.used_at is not None or row.revoked_at is not None:
+        raise NotFound("no such unused invite", code="invite_not_found")
+    row.revoked_at = utcnow()
+
+
+def redeem_invite(session: Session, *, code: str) -> Invite:
+    """Spend an invite for a registration in this transaction; 403 for any unusable code.
+
+    One conditional UPDATE: of two registrations racing with the same code, exactly one changes the row. It runs
+    before the account is created, so a caller without a valid code cannot probe which emails are registered.
+    """
+    now = utcnow()
+    code_hash = _sha256(code)
+    result = session.execute(
+        update(Invite)
+        .where(
+            Invite.code_hash == code_hash,
+            Invite.used_at.is_(None),
+            Invite.revoked_at.is_(None),
+            Invite.expires_at > now,
+        )
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise Forbidden("the invite code is invalid, used or expired", code="invalid_invite")
+    return session.scalars(select(Invite).where(Invite.code_hash == code_hash)).one()
+
+
+def register_user(
+    session: Session, *, settings: AuthSettings, email: str, password: str, invite_code: str | None
+) -> User:
+    """Register a member as the registration mode allows: open, closed (403) or with an invite code (403 without)."""
+    if settings.registration == "closed":
+        raise Forbidden("registration is closed", code="registration_closed")
+    invite = None
+    if settings.registration == "invite":
+        if invite_code is None:
+            raise Forbidden("registration needs an invite code", code="invite_required")
+        invite = redeem_invite(session, code=invite_code)
+    user = create_user(session, email=email, password=password)
+    if invite is not None:
+        invite.used_by = user.id
+    return user
 
 
 # ----- sessions: access and refresh tokens ------------------------------------------------------------------------

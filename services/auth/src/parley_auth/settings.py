@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from parley_kit.settings import PLACEHOLDER_PREFIX, ServiceSettings
 
@@ -35,9 +36,29 @@ class AuthSettings(ServiceSettings):
         }
     )
     api_key_pepper_secret: str = Field("dev-insecure-pepper", min_length=16)
-    registration: Literal["open", "closed"] = "open"
+    registration: Literal["open", "closed", "invite"] = "open"
+    invite_ttl: int = Field(7 * 86_400, ge=60, le=365 * 86_400)
+    # Login throttling: failures counted per account and per client address in fixed windows.
+    login_window: int = Field(900, ge=1, le=86_400)
+    login_max_failures_per_account: int = Field(10, ge=1, le=10_000)
+    # Higher: many people can share one address (NAT, an office), and one attacker tries many accounts from it.
+    login_max_failures_per_address: int = Field(100, ge=1, le=100_000)
+    # Peers whose X-Forwarded-For is believed (the gateway); comma-separated addresses or CIDR networks.
+    trusted_proxies: Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+    )
     admin_email: str | None = None
     admin_password: str | None = Field(None, min_length=8, max_length=256)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        """`AUTH_TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8` (empty: trust no proxy)."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(ipaddress.ip_network(str(part), strict=False) for part in value)
+        return value
 
     @model_validator(mode="after")
     def _check_service_clients(self) -> AuthSettings:

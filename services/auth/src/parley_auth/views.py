@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Response
+from flask import Response, request
 from flask_openapi3 import APIBlueprint, Tag
 
 from parley_kit.app import model_response
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, Forbidden, Unauthorized
 
-from . import service
+from . import service, throttle
 from .context import auth_context, caller, interactive_caller
 from .events import KEY_REVOKED, PASSWORD_CHANGED, USER_DISABLED
 from .schemas import (
@@ -21,6 +21,11 @@ from .schemas import (
     ApiKeyList,
     ApiKeyOut,
     ApiKeyPath,
+    InviteCreateBody,
+    InviteCreatedOut,
+    InviteList,
+    InviteOut,
+    InvitePath,
     Jwks,
     KeyExchangeBody,
     KeyExchangeOut,
@@ -34,6 +39,7 @@ from .schemas import (
     UserList,
     UserOut,
     UserPath,
+    UserUpdateBody,
 )
 from .signing import public_jwks
 
@@ -45,6 +51,9 @@ api_keys = APIBlueprint(
 )
 internal = APIBlueprint("internal", __name__, url_prefix="/auth", abp_tags=[Tag(name="service accounts")])
 admin = APIBlueprint("admin", __name__, url_prefix="/auth/users", abp_tags=[Tag(name="admin")], abp_security=BEARER)
+invites = APIBlueprint(
+    "invites", __name__, url_prefix="/auth/invites", abp_tags=[Tag(name="admin")], abp_security=BEARER
+)
 keys = APIBlueprint("keys", __name__, abp_tags=[Tag(name="keys")])
 
 
@@ -66,23 +75,41 @@ def _refused_refresh() -> Unauthorized:
 
 @accounts.post("/register", responses={201: UserOut}, security=[])
 def register(body: RegisterBody) -> Response:
-    """Create an account (when registration is open)."""
+    """Create an account: when registration is open, or with an unused invite code when it is by invite."""
     ctx = auth_context()
-    if ctx.settings.registration != "open":
-        raise Forbidden("registration is closed", code="registration_closed")
     with ctx.db.transaction() as session:
-        user = service.create_user(session, email=str(body.email), password=body.password)
+        user = service.register_user(
+            session, settings=ctx.settings, email=str(body.email), password=body.password, invite_code=body.invite_code
+        )
         out = UserOut.model_validate(user, from_attributes=True)
     return model_response(out, 201)
 
 
-@accounts.post("/token", responses={200: TokenPairOut}, security=[])
+@accounts.post(
+    "/token",
+    responses={200: TokenPairOut},
+    security=[],
+    description="Throttled per account and per client address: past the limit, 429 with Retry-After, "
+    "even for the right password, until the window passes.",
+)
 def login(body: LoginBody) -> Response:
     """Log in with email and password: an access token and a refresh token."""
     ctx = auth_context()
+    address = throttle.client_address(
+        request.remote_addr, request.headers.get("X-Forwarded-For"), ctx.settings.trusted_proxies
+    )
+    attempt = throttle.LoginAttempt(email=body.email, address=address)
     with ctx.db.transaction() as session:
-        user = service.authenticate_password(session, email=body.email, password=body.password)
-        pair = service.start_session(session, settings=ctx.settings, signer=ctx.signer, user=user)
+        throttle.check(session, settings=ctx.settings, attempt=attempt)
+        user = service.check_password(session, email=body.email, password=body.password)
+        if user is not None:
+            throttle.forget_account(session, attempt=attempt)
+            pair = service.start_session(session, settings=ctx.settings, signer=ctx.signer, user=user)
+    if user is None:
+        # Its own transaction: the failure must be counted although this request answers with an error.
+        with ctx.db.transaction() as session:
+            throttle.record_failure(session, settings=ctx.settings, attempt=attempt)
+        raise service.bad_credentials()
     return model_response(_pair_out(pair))
 
 
@@ -256,18 +283,76 @@ def list_users() -> Response:
     return model_response(out)
 
 
-@admin.post("/<user_id>/disable", responses={204: None})
-def disable_user(path: UserPath) -> Response:
-    """Disable a user, end their sessions and tell the gateways (admins only)."""
+@admin.patch("/<user_id>", responses={200: AdminUserOut})
+def update_user(path: UserPath, body: UserUpdateBody) -> Response:
+    """Set a user's role and/or disable or re-enable them (admins only); disabling ends their sessions."""
     identity = interactive_caller()
     ctx = auth_context()
     with ctx.db.transaction() as session:
         _require_admin(service.user_for(session, identity).role)
-        if path.user_id == identity.subject:
-            raise BadRequest("admins cannot disable themselves", param="user_id")
-        changed = service.disable_user(session, user_id=path.user_id)
+        user, newly_disabled = service.update_user(
+            session, user_id=path.user_id, acting_admin_id=identity.subject, role=body.role, disabled=body.disabled
+        )
+        out = AdminUserOut.model_validate(user, from_attributes=True)
+    if newly_disabled:
+        ctx.events.publish(USER_DISABLED, {"user_id": path.user_id})
+    return model_response(out)
+
+
+@admin.post("/<user_id>/disable", responses={204: None})
+def disable_user(path: UserPath) -> Response:
+    """Disable a user, end their sessions and tell the gateways (admins only; same as PATCH `{disabled: true}`)."""
+    identity = interactive_caller()
+    ctx = auth_context()
+    with ctx.db.transaction() as session:
+        _require_admin(service.user_for(session, identity).role)
+        changed = service.disable_user(session, user_id=path.user_id, acting_admin_id=identity.subject)
     if changed:
         ctx.events.publish(USER_DISABLED, {"user_id": path.user_id})
+    return no_content()
+
+
+# ----- invites ----------------------------------------------------------------------------------------------------
+
+
+@invites.post("", responses={201: InviteCreatedOut})
+def create_invite(body: InviteCreateBody) -> Response:
+    """Create a single-use registration code (admins only); the code is in this response only."""
+    identity = interactive_caller()
+    if body.expires_at is not None and body.expires_at <= utcnow():
+        raise BadRequest("expires_at must be in the future", param="expires_at")
+    ctx = auth_context()
+    with ctx.db.transaction() as session:
+        admin_user = service.user_for(session, identity)
+        _require_admin(admin_user.role)
+        created = service.create_invite(session, settings=ctx.settings, admin=admin_user, expires_at=body.expires_at)
+        out = InviteCreatedOut(
+            id=created.row.id,
+            code=created.code,
+            created_at=created.row.created_at,
+            expires_at=created.row.expires_at,
+        )
+    return model_response(out, 201)
+
+
+@invites.get("", responses={200: InviteList})
+def list_invites() -> Response:
+    """Every invite, used or not (admins only; never the codes)."""
+    identity = interactive_caller()
+    with auth_context().db.transaction() as session:
+        _require_admin(service.user_for(session, identity).role)
+        rows = service.list_invites(session)
+        out = InviteList(data=[InviteOut.model_validate(row, from_attributes=True) for row in rows])
+    return model_response(out)
+
+
+@invites.delete("/<invite_id>", responses={204: None})
+def revoke_invite(path: InvitePath) -> Response:
+    """Withdraw an unused invite (admins only)."""
+    identity = interactive_caller()
+    with auth_context().db.transaction() as session:
+        _require_admin(service.user_for(session, identity).role)
+        service.revoke_invite(session, invite_id=path.invite_id)
     return no_content()
 
 
@@ -284,4 +369,4 @@ def jwks() -> Response:
     return response
 
 
-BLUEPRINTS = (accounts, api_keys, internal, admin, keys)
+BLUEPRINTS = (accounts, api_keys, internal, admin, invites, keys)
