@@ -1,18 +1,25 @@
-"""The worker's item handling against the fake provider (standing in for llm, which speaks the same OpenAI wire
-format) and a small stand-in for auth's service-token and act-as endpoints; real PostgreSQL throughout."""
+"""The worker's item handling against the REAL auth process (client credentials and act-as, on its own fresh
+PostgreSQL database) and the fake provider standing in for llm (it speaks the same OpenAI wire format); real
+PostgreSQL throughout. A small stand-in remains only where the real processes cannot show the behaviour: counting
+auth calls (token caching) and seeing the headers the worker sends to llm (`AuthStandIn`)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pika
 import pytest
+import requests
 import urllib3
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -31,19 +38,97 @@ from parley_kit.testing import ServiceProcess, free_port, python_module
 from .conftest import chat_line, jsonl
 
 ACTING_TOKEN = "acting-token-for-alice"
+CLIENT_SECRET = "test-secret"
+ADMIN = {"email": "admin@example.com", "password": "admin-password-0123"}
+
+
+@dataclass
+class RealAuth:
+    """`python -m parley_auth serve` on its own database: users are registered through its API."""
+
+    url: str
+
+    def new_user(self) -> str:
+        """Register a user; returns its id (the `sub` auth puts in its tokens)."""
+        credentials = {"email": f"jobs-{uuid.uuid4().hex[:10]}@example.com", "password": "a long enough password"}
+        created = requests.post(f"{self.url}/auth/register", json=credentials, timeout=10)
+        assert created.status_code == 201, created.text
+        return created.json()["id"]
+
+    def disable(self, user_id: str) -> None:
+        """Disable a user as the bootstrap admin."""
+        token = requests.post(f"{self.url}/auth/token", json=ADMIN, timeout=10).json()["access_token"]
+        answer = requests.patch(
+            f"{self.url}/auth/users/{user_id}",
+            json={"disabled": True},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+
+
+@pytest.fixture(scope="module")
+def real_auth(
+    postgres: Any, amqp_url: str, amqp_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealAuth]:
+    """auth migrated and served on a free port, with `jobs` as a service client (like the platform runs it)."""
+    port, workdir = free_port(), tmp_path_factory.mktemp("auth")
+    env = {
+        "PARLEY_ENV": "test",
+        "AUTH_DATABASE_URL": postgres.create_database(f"jobs_auth_{uuid.uuid4().hex[:6]}"),
+        "AUTH_BIND": f"127.0.0.1:{port}",
+        "AUTH_WORKERS": "1",
+        "AUTH_METRICS_DIR": str(workdir / "metrics"),
+        "AUTH_SERVICE_CLIENTS": json.dumps({"jobs": CLIENT_SECRET}),
+        "AUTH_API_KEY_PEPPER_SECRET": "jobs-test-pepper-0123456789",
+        "AUTH_ADMIN_EMAIL": ADMIN["email"],
+        "AUTH_ADMIN_PASSWORD": ADMIN["password"],
+        "PARLEY_AMQP_URL": amqp_url,
+        "PARLEY_AMQP_PREFIX": f"{amqp_prefix}.{uuid.uuid4().hex[:6]}",
+    }
+    process = ServiceProcess(
+        "auth",
+        python_module("parley_auth", "serve"),
+        env=env,
+        log_dir=workdir,
+        cwd=workdir,
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    )
+    migrate = subprocess.run(
+        python_module("parley_auth", "migrate"),
+        env=process.env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    process.start()
+    yield RealAuth(f"http://127.0.0.1:{port}")
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(real_auth: RealAuth) -> str:
+    """A real user's id."""
+    return real_auth.new_user()
 
 
 class AuthStandIn:
-    """auth's two internal endpoints: client credentials for `jobs`, act-as for known users; counts calls."""
+    """A stand-in for what the real processes cannot show: it counts auth calls (client credentials for `jobs`,
+    act-as) to prove token caching, and answers as llm to show the headers the worker sends."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.llm_headers: list[dict[str, str]] = []
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand_in.calls.append((self.path, body))
+                if self.path.startswith("/v1/"):
+                    stand_in.llm_headers.append(dict(self.headers))
                 status, answer = stand_in.answer(self.path, body, self.headers.get("Authorization", ""))
                 data = json.dumps(answer).encode()
                 self.send_response(status)
@@ -71,6 +156,8 @@ class AuthStandIn:
                 return 403, {"detail": "user disabled"}
             token = ACTING_TOKEN if body["user_id"] == "alice" else "some-other-token"
             return 200, {"access_token": token, "expires_in": 300}
+        if path == "/v1/chat/completions":  # standing in for llm too, to see the headers the worker sends
+            return 200, {"object": "chat.completion", "choices": [], "usage": {"total_tokens": 0}}
         return 404, {}
 
     def count(self, path: str) -> int:
@@ -90,12 +177,12 @@ def auth_stand_in() -> Iterator[AuthStandIn]:
 
 @pytest.fixture(scope="module")
 def fake_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The fake provider on a free port, accepting only the act-as token the stand-in auth gives alice."""
+    """The fake provider on a free port, accepting any token (one test makes it refuse them all)."""
     port = free_port()
     process = ServiceProcess(
         "fakeprovider",
         python_module("parley_fakeprovider", "--port", str(port)),
-        env={"FAKE_PROVIDER_API_KEY": ACTING_TOKEN},
+        env={"FAKE_PROVIDER_API_KEY": ""},
         log_dir=tmp_path_factory.mktemp("logs"),
         ready_url=f"http://127.0.0.1:{port}/healthz",
     ).start()
@@ -109,8 +196,8 @@ def llm_calls(fake_llm: str) -> int:
 
 
 @pytest.fixture
-def worker_settings(make_settings: Callable[..., JobsSettings], fake_llm: str, auth_stand_in: AuthStandIn):
-    return make_settings(llm_url=fake_llm, auth_url=auth_stand_in.url, item_timeout=10)
+def worker_settings(make_settings: Callable[..., JobsSettings], fake_llm: str, real_auth: RealAuth) -> JobsSettings:
+    return make_settings(llm_url=fake_llm, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET)
 
 
 @pytest.fixture
@@ -130,7 +217,7 @@ def message(item_id: str, delivery_count: int = 0) -> Message:
     )
 
 
-def new_batch(client: FlaskClient, upload: Callable, auth: Callable, texts: list[str], user: str = "alice") -> str:
+def new_batch(client: FlaskClient, upload: Callable, auth: Callable, texts: list[str], user: str) -> str:
     file_id = upload(jsonl([chat_line(f"req-{i}", t) for i, t in enumerate(texts, 1)]), user=user).json["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     return client.post("/v1/batches", json=body, headers=auth(user)).json["id"]
@@ -148,17 +235,14 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     client: FlaskClient,
     upload: Callable,
     auth: Callable,
-    auth_stand_in: AuthStandIn,
+    alice: str,
     fake_llm: str,
 ) -> None:
-    batch_id = new_batch(client, upload, auth, ["hello there", "bad one #fake:error=400"])
+    batch_id = new_batch(client, upload, auth, ["hello there", "bad one #fake:error=400"], alice)
     ok, refused = items(db, batch_id)
-    acting_before = auth_stand_in.count("/auth/internal/act-as")
     processor.handle(message(ok.id))
-    assert client.get(f"/v1/batches/{batch_id}", headers=auth("alice")).json["status"] == "in_progress"
+    assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "in_progress"
     processor.handle(message(refused.id))
-    assert auth_stand_in.count("/auth/internal/act-as") - acting_before <= 1  # cached per owner
-    assert ("/auth/internal/act-as", {"user_id": "alice", "key_id": None}) in auth_stand_in.calls
 
     ok, refused = items(db, batch_id)
     assert ok.status == "succeeded" and ok.response_status == 200 and ok.attempts == 1
@@ -166,7 +250,7 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     assert refused.status == "failed" and refused.response_status == 400
     assert "error" in refused.response_body
 
-    batch = client.get(f"/v1/batches/{batch_id}", headers=auth("alice")).json
+    batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert batch["usage"]["total_tokens"] == ok.response_body["usage"]["total_tokens"] > 0
@@ -177,10 +261,65 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     assert items(db, batch_id)[0].response_body == ok.response_body
 
 
-def test_a_server_error_is_retried_then_recorded_on_the_last_attempt(
-    processor: ItemProcessor, db: Database, client: FlaskClient, upload: Callable, auth: Callable
+def test_every_llm_call_carries_the_item_id_as_idempotency_key(
+    make_settings: Callable[..., JobsSettings],
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    auth_stand_in: AuthStandIn,
+    real_auth: RealAuth,
+    alice: str,
 ) -> None:
-    batch_id = new_batch(client, upload, auth, ["flaky #fake:error=503"])
+    """llm charges an item once however often it is redelivered: it needs a stable key per item. (The stand-in
+    answers as llm, to see the headers; the act-as token is the real auth's.)"""
+    settings = make_settings(
+        llm_url=auth_stand_in.url, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET
+    )
+    processor = build_processor(settings, db)
+    batch_id = new_batch(client, upload, auth, ["one", "two"], alice)
+    first, second = items(db, batch_id)
+    before = len(auth_stand_in.llm_headers)
+    processor.handle(message(first.id))
+    processor.handle(message(second.id))
+    sent = auth_stand_in.llm_headers[before:]
+    assert [headers.get("Idempotency-Key") for headers in sent] == [first.id, second.id]
+    for headers in sent:  # a real act-as token: the owner's, naming the jobs service as the actor
+        claims = jwt.decode(headers["Authorization"].removeprefix("Bearer "), options={"verify_signature": False})
+        assert claims["sub"] == alice and "jobs" in claims["act"]["sub"]
+
+
+def test_a_dead_lettered_item_is_recorded_failed_once(
+    processor: ItemProcessor,
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    fake_llm: str,
+    alice: str,
+) -> None:
+    batch_id = new_batch(client, upload, auth, ["poison", "fine"], alice)
+    poison, fine = items(db, batch_id)
+    processor.handle(message(fine.id))
+    calls = llm_calls(fake_llm)
+    processor.handle_dead(message(poison.id, delivery_count=6))
+    processor.handle_dead(message(poison.id, delivery_count=6))  # a duplicate changes nothing
+    processor.handle_dead(message("batch_req_unknown"))  # an unknown item is dropped
+    assert llm_calls(fake_llm) == calls  # never run again
+    poison, fine = items(db, batch_id)
+    assert poison.status == "failed" and poison.error["code"] == "delivery_limit_exceeded"
+    batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    errors = client.get(f"/v1/files/{batch['error_file_id']}/content", headers=auth(alice)).data
+    (line,) = [json.loads(row) for row in errors.splitlines()]
+    assert line["custom_id"] == "req-1" and line["error"]["code"] == "delivery_limit_exceeded"
+
+
+def test_a_server_error_is_retried_then_recorded_on_the_last_attempt(
+    processor: ItemProcessor, db: Database, client: FlaskClient, upload: Callable, auth: Callable, alice: str
+) -> None:
+    batch_id = new_batch(client, upload, auth, ["flaky #fake:error=503"], alice)
     (item,) = items(db, batch_id)
     with pytest.raises(UpstreamError):
         processor.handle(message(item.id))
@@ -188,25 +327,37 @@ def test_a_server_error_is_retried_then_recorded_on_the_last_attempt(
     processor.handle(message(item.id, delivery_count=5))  # the delivery limit in the settings is 5
     (item,) = items(db, batch_id)
     assert (item.status, item.response_status, item.attempts) == ("failed", 503, 2)
-    assert client.get(f"/v1/batches/{batch_id}", headers=auth("alice")).json["status"] == "completed"
+    assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "completed"
 
 
 def test_a_token_llm_refuses_is_dropped_and_retried(
-    processor: ItemProcessor, db: Database, client: FlaskClient, upload: Callable, auth: Callable
+    processor: ItemProcessor,
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    alice: str,
+    fake_llm: str,
 ) -> None:
-    # The stand-in gives bob a token the fake provider does not accept: llm answers 401.
-    batch_id = new_batch(client, upload, auth, ["hi"], user="bob")
+    # The fake llm is told to accept one key only, which no act-as token is: it answers 401.
+    batch_id = new_batch(client, upload, auth, ["hi"], alice)
     (item,) = items(db, batch_id)
-    with pytest.raises(UpstreamError):
-        processor.handle(message(item.id))
-    processor.handle(message(item.id, delivery_count=5))
+    urllib3.request("POST", f"{fake_llm}/_fake/config", json={"api_key": "nobody-has-this-key"})
+    try:
+        with pytest.raises(UpstreamError):
+            processor.handle(message(item.id))
+        processor.handle(message(item.id, delivery_count=5))
+    finally:
+        urllib3.request("POST", f"{fake_llm}/_fake/config", json={})
     assert items(db, batch_id)[0].response_status == 401
 
 
 def test_an_owner_auth_will_not_act_for_fails_the_line(
-    processor: ItemProcessor, db: Database, client: FlaskClient, upload: Callable, auth: Callable
+    processor: ItemProcessor, db: Database, client: FlaskClient, upload: Callable, auth: Callable, real_auth: RealAuth
 ) -> None:
-    batch_id = new_batch(client, upload, auth, ["hi"], user="disabled-user")
+    disabled = real_auth.new_user()
+    real_auth.disable(disabled)
+    batch_id = new_batch(client, upload, auth, ["hi"], disabled)
     (item,) = items(db, batch_id)
     processor.handle(message(item.id))
     (item,) = items(db, batch_id)
@@ -215,6 +366,7 @@ def test_an_owner_auth_will_not_act_for_fails_the_line(
 
 
 def test_acting_tokens_are_cached_until_near_expiry(auth_stand_in: AuthStandIn) -> None:
+    """The stand-in, because the real auth cannot tell how often it was called."""
     now = [1000.0]
     service_token = ServiceTokenSource(
         ServiceClient(auth_stand_in.url, name="auth"), client_id="jobs", client_secret="test-secret"
@@ -236,13 +388,25 @@ def test_acting_tokens_are_cached_until_near_expiry(auth_stand_in: AuthStandIn) 
         tokens.for_user("disabled-user", None)
 
 
-def test_a_wrong_client_secret_is_a_transient_unavailability(auth_stand_in: AuthStandIn) -> None:
+def test_a_wrong_client_secret_is_a_transient_unavailability(real_auth: RealAuth, alice: str) -> None:
     service_token = ServiceTokenSource(
-        ServiceClient(auth_stand_in.url, name="auth"), client_id="jobs", client_secret="wrong"
+        ServiceClient(real_auth.url, name="auth"), client_id="jobs", client_secret="wrong"
     )
     tokens = ActingTokens(service_token)
     with pytest.raises(ServiceUnavailable, match="authentication is unavailable"):
-        tokens.for_user("alice", None)
+        tokens.for_user(alice, None)
+
+
+def test_auth_refuses_to_act_for_an_unknown_user_or_key(real_auth: RealAuth, alice: str) -> None:
+    service_token = ServiceTokenSource(
+        ServiceClient(real_auth.url, name="auth"), client_id="jobs", client_secret=CLIENT_SECRET
+    )
+    tokens = ActingTokens(service_token)
+    assert jwt.decode(tokens.for_user(alice, None), options={"verify_signature": False})["sub"] == alice
+    with pytest.raises(ActAsRefused):
+        tokens.for_user("no-such-user", None)
+    with pytest.raises(ActAsRefused):
+        tokens.for_user(alice, "key_not_hers")
 
 
 @pytest.mark.integration
@@ -253,32 +417,46 @@ def test_the_worker_process_runs_a_batch_end_to_end(
     auth: Callable,
     tmp_path: Path,
     amqp_url: str,
+    alice: str,
 ) -> None:
-    """`python -m parley_jobs worker`: relay → RabbitMQ → consumer → fake llm → files, with real processes."""
-    batch_id = new_batch(client, upload, auth, ["one", "two", "three #fake:error=422"])
+    """`python -m parley_jobs worker`: relay → RabbitMQ → consumer → real auth → fake llm → files, all processes."""
+    batch_id = new_batch(client, upload, auth, ["one", "two", "three #fake:error=422"], alice)
     env = {
         "PARLEY_ENV": "test",
         "JOBS_DATABASE_URL": worker_settings.database_url,
-        "JOBS_CLIENT_SECRET": "test-secret",
+        "JOBS_CLIENT_SECRET": CLIENT_SECRET,
         "JOBS_RELAY_INTERVAL": "0.05",
         "PARLEY_AMQP_URL": amqp_url,
         "PARLEY_AMQP_PREFIX": worker_settings.amqp_prefix,
         "PARLEY_LLM_URL": worker_settings.llm_url,
         "PARLEY_AUTH_URL": worker_settings.auth_url,
+        "JOBS_WORKER_METRICS_PORT": str(metrics_port := free_port()),
+        "JOBS_STATS_INTERVAL": "0.2",
     }
     worker = ServiceProcess("worker", python_module("parley_jobs", "worker"), env=env, log_dir=tmp_path).start()
     try:
         deadline = time.monotonic() + 30
-        batch = client.get(f"/v1/batches/{batch_id}", headers=auth("alice")).json
+        batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
         while batch["status"] != "completed" and time.monotonic() < deadline:
             assert worker.process is not None and worker.process.poll() is None, worker.tail()
             time.sleep(0.1)
-            batch = client.get(f"/v1/batches/{batch_id}", headers=auth("alice")).json
+            batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
         assert batch["status"] == "completed", worker.tail()
         assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
-        output = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=auth("alice")).data
+        output = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=auth(alice)).data
         assert sorted(json.loads(line)["custom_id"] for line in output.splitlines()) == ["req-1", "req-2"]
         assert "batch progress 3/3" in worker.tail(200)
+        scraped = ""
+        # The gauges are refreshed every 0.2 s: wait for a refresh after the batch ended.
+        while "\nparley_jobs_oldest_pending_age_seconds 0.0\n" not in scraped and time.monotonic() < deadline:
+            time.sleep(0.1)
+            scraped = urllib3.request("GET", f"http://127.0.0.1:{metrics_port}/metrics").data.decode()
+        assert 'parley_jobs_items_processed_total{outcome="succeeded"} 2.0\n' in scraped
+        assert 'parley_jobs_items_processed_total{outcome="failed"} 1.0\n' in scraped
+        assert 'parley_jobs_batches_total{status="completed"} 1.0\n' in scraped
+        assert 'parley_jobs_queue_depth{queue="items"} 0.0\n' in scraped
+        assert 'parley_jobs_queue_depth{queue="dead"} 0.0\n' in scraped
+        assert "\nparley_jobs_outbox_lag_seconds 0.0\n" in scraped
     finally:
         worker.stop()
         channel = pika.BlockingConnection(pika.URLParameters(amqp_url)).channel()

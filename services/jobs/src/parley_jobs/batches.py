@@ -3,13 +3,16 @@ written once per item, and finalisation into output and error files exactly once
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections import defaultdict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from parley_kit.db import utcnow
@@ -20,7 +23,7 @@ from . import files, outbox
 from .jsonl import parse_batch_file
 from .models import Batch, BatchItem, BatchStatus, ItemStatus
 
-COMPLETION_WINDOW = timedelta(hours=24)
+DEFAULT_WINDOW_SECONDS = 24 * 3600.0  # OpenAI's only completion window, "24h"
 FINISHED = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 STOPPING = (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
 INSERT_CHUNK = 1000
@@ -49,6 +52,25 @@ class ItemWork:
     attempts: int
 
 
+def request_hash(body: dict[str, Any]) -> str:
+    """A stable hash of a creation request's body, to tell a retry from a different request under the same key."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def find_idempotent(session: Session, *, owner: str, idempotency_key: str, body_hash: str) -> Batch | None:
+    """The batch an earlier request with this key created (None if none); 409 if that request had another body."""
+    batch = session.scalars(
+        select(Batch).where(Batch.owner == owner, Batch.idempotency_key == idempotency_key)
+    ).one_or_none()
+    if batch is not None and batch.request_hash != body_hash:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request body",
+            code="idempotency_key_reused",
+            param="Idempotency-Key",
+        )
+    return batch
+
+
 def create_batch(
     session: Session,
     *,
@@ -59,8 +81,18 @@ def create_batch(
     completion_window: str,
     metadata: dict[str, str] | None,
     max_lines: int,
+    window_seconds: float = DEFAULT_WINDOW_SECONDS,
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
 ) -> Batch:
-    """Create the batch, one item per input line, and the `batch.created` event, in the caller's transaction."""
+    """Create the batch, one item per input line, and the `batch.created` event, in the caller's transaction.
+
+    With an `idempotency_key`, a repeat of the same request returns the batch the first one created.
+    """
+    if idempotency_key is not None:
+        existing = find_idempotent(session, owner=owner, idempotency_key=idempotency_key, body_hash=body_hash or "")
+        if existing is not None:
+            return existing
     file = files.get_file(session, owner=owner, file_id=input_file_id, with_content=True)
     if file.purpose != files.BATCH:
         raise BadRequest(
@@ -92,10 +124,21 @@ def create_batch(
         total=len(lines),
         created_at=now,
         in_progress_at=now,
-        expires_at=now + COMPLETION_WINDOW,
+        expires_at=now + timedelta(seconds=window_seconds),
+        idempotency_key=idempotency_key,
+        request_hash=body_hash if idempotency_key is not None else None,
     )
-    session.add(batch)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent request with the same key may win the unique constraint
+            session.add(batch)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = find_idempotent(session, owner=owner, idempotency_key=idempotency_key, body_hash=body_hash or "")
+        if existing is None:
+            raise
+        return existing
     rows = [
         {
             "id": new_id("batch_req"),
@@ -220,6 +263,11 @@ def start_item(session: Session, *, item_id: str) -> tuple[str | None, ItemWork 
     return batch.id, work
 
 
+def item_batch_id(session: Session, *, item_id: str) -> str | None:
+    """The batch an item belongs to (None for an unknown item)."""
+    return session.scalar(select(BatchItem.batch_id).where(BatchItem.id == item_id))
+
+
 def record_result(
     session: Session,
     *,
@@ -299,6 +347,105 @@ def finalize_if_done(session: Session, *, batch_id: str) -> str | None:
     return final
 
 
+def expire_due(session: Session, *, now: datetime) -> list[str]:
+    """End every running batch whose completion window has passed: unfinished lines go to the error file as
+    `batch_expired`, finished ones stay in the output file; returns the expired batch ids."""
+    due = session.scalars(
+        select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS, Batch.expires_at <= now).order_by(Batch.id)
+    ).all()
+    expired = []
+    for batch_id in due:
+        # The same guard as finalize_if_done: of several sweepers (and a finishing worker) only one moves it on.
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
+            .values(status=BatchStatus.FINALIZING, finalizing_at=now)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        session.execute(
+            update(BatchItem)
+            .where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
+            .values(status=ItemStatus.EXPIRED, finished_at=now)
+        )
+        batch = session.get(Batch, batch_id, populate_existing=True)
+        assert batch is not None
+        _write_result_files(session, batch)
+        batch.status = BatchStatus.EXPIRED
+        batch.expired_at = now
+        session.flush()
+        expired.append(batch_id)
+    return expired
+
+
+def schedule(session: Session, *, window: int, now: datetime) -> list[str]:
+    """Item ids to publish now, stamped queued: each owner may have at most `window` items queued but unfinished,
+    topped up as they finish, and the owners are interleaved, so a huge batch cannot starve anyone else's.
+
+    Running batches are locked with SKIP LOCKED (PostgreSQL), so concurrent relays top up different batches; the
+    caller publishes the ids before committing, so a failed publish leaves the items unqueued.
+    """
+    running = session.execute(
+        select(Batch.id, Batch.owner)
+        .where(Batch.status == BatchStatus.IN_PROGRESS)
+        .order_by(Batch.created_at, Batch.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not running:
+        return []
+    batches_of: dict[str, list[str]] = defaultdict(list)
+    for batch_id, owner in running:
+        batches_of[owner].append(batch_id)
+    in_flight = dict(
+        session.execute(
+            select(Batch.owner, func.count())
+            .select_from(BatchItem)
+            .join(Batch, Batch.id == BatchItem.batch_id)
+            .where(
+                Batch.status == BatchStatus.IN_PROGRESS,
+                BatchItem.status == ItemStatus.PENDING,
+                BatchItem.queued_at.is_not(None),
+            )
+            .group_by(Batch.owner)
+        ).all()
+    )
+    per_owner: list[list[str]] = []
+    for owner, batch_ids in batches_of.items():
+        room = window - in_flight.get(owner, 0)
+        if room <= 0:
+            continue
+        ids = session.scalars(
+            select(BatchItem.id)
+            .join(Batch, Batch.id == BatchItem.batch_id)
+            .where(
+                BatchItem.batch_id.in_(batch_ids),
+                BatchItem.status == ItemStatus.PENDING,
+                BatchItem.queued_at.is_(None),
+            )
+            .order_by(Batch.created_at, Batch.id, BatchItem.line)
+            .limit(room)
+        ).all()
+        if ids:
+            per_owner.append(list(ids))
+    order = [ids[i] for i in range(max(map(len, per_owner), default=0)) for ids in per_owner if i < len(ids)]
+    for start in range(0, len(order), INSERT_CHUNK):
+        session.execute(
+            update(BatchItem).where(BatchItem.id.in_(order[start : start + INSERT_CHUNK])).values(queued_at=now)
+        )
+    return order
+
+
+def oldest_pending_age(session: Session, *, now: datetime) -> float:
+    """Seconds since the oldest running batch with unfinished lines was created (0 when none)."""
+    oldest = session.scalar(
+        select(func.min(Batch.created_at)).where(
+            Batch.status == BatchStatus.IN_PROGRESS,
+            select(BatchItem.id).where(BatchItem.batch_id == Batch.id, BatchItem.status == ItemStatus.PENDING).exists(),
+        )
+    )
+    return max((now - outbox.aware_utc(oldest)).total_seconds(), 0.0) if oldest else 0.0
+
+
 def output_line(item: BatchItem) -> dict[str, Any]:
     """An item as OpenAI's `BatchRequestOutput` line."""
     response = None
@@ -307,6 +454,8 @@ def output_line(item: BatchItem) -> dict[str, Any]:
     error = item.error
     if item.status == ItemStatus.SKIPPED:
         error = {"code": "batch_cancelled", "message": "The batch was cancelled before this request ran."}
+    elif item.status == ItemStatus.EXPIRED:
+        error = {"code": "batch_expired", "message": "The completion window ended before this request ran."}
     return {"id": item.id, "custom_id": item.custom_id, "response": response, "error": error}
 
 

@@ -38,6 +38,7 @@ class ItemStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"  # never run because the batch was cancelled first
+    EXPIRED = "expired"  # still unfinished when the batch's completion window ended
 
 
 class File(Base):
@@ -60,7 +61,10 @@ class Batch(Base):
     """A batch of requests run line by line through the llm service on its owner's behalf."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_owner_created", "owner", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_owner_created", "owner", "created_at"),
+        UniqueConstraint("owner", "idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(255))
@@ -88,6 +92,9 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # `Idempotency-Key` of the creating request and a hash of its body: a retry gets the same batch back.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BatchItem(Base):
@@ -97,6 +104,7 @@ class BatchItem(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_batch_items_batch_status", "batch_id", "status"),
+        Index("ix_batch_items_batch_queued", "batch_id", "status", "queued_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -111,6 +119,8 @@ class BatchItem(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the scheduler published the item's message; unset items wait for their owner's window to open.
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class OutboxEvent(Base):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from parley_kit.db import utcnow
@@ -37,3 +38,16 @@ def claim_unpublished(session: Session, *, limit: int) -> list[OutboxEvent]:
 def mark_published(session: Session, *, event_id: str) -> None:
     """Stamp an event as published."""
     session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(published_at=utcnow()))
+
+
+def oldest_unpublished_age(session: Session, *, now: datetime) -> float:
+    """Seconds the oldest unpublished event has waited (0 when the outbox is drained)."""
+    oldest = session.scalar(select(func.min(OutboxEvent.created_at)).where(OutboxEvent.published_at.is_(None)))
+    return max((now - aware_utc(oldest)).total_seconds(), 0.0) if oldest is not None else 0.0
+
+
+def aware_utc(value: datetime | str) -> datetime:
+    """An aggregate's datetime as aware UTC: aggregates bypass UTCDateTime, and SQLite hands back naive UTC text."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

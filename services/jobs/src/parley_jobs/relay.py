@@ -1,27 +1,35 @@
-"""The outbox relay: publishes one `batch.item` message per pending item of each new batch, with confirms,
-then marks the event published. A crash in between only means the next pass publishes again (workers are
-idempotent); `FOR UPDATE SKIP LOCKED` lets several relays share the outbox on PostgreSQL."""
+"""The outbox relay and fair scheduler, run in every worker process.
+
+Each pass, in one transaction: drain the outbox (a `batch.created` event wakes the scheduler up, it carries no work
+itself), pick the items to queue (`batches.schedule`: per owner a bounded window of queued-but-unfinished items,
+topped up as they finish, owners interleaved), publish one `batch.item` message each with confirms, and only then
+commit. A crash before the commit means the next pass publishes again (workers are idempotent); a batch whose
+commit happened is always found by the next pass, whichever process runs it, since the scheduler reads the items,
+not the messages. The same thread expires batches past their completion window and refreshes the worker's gauges.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from sqlalchemy import select
+from pika.exceptions import AMQPError
 
-from parley_kit.amqp import Publisher, declare_work_queue
-from parley_kit.db import Database
+from parley_kit.amqp import Publisher, connection_parameters, declare_work_queue
+from parley_kit.db import Database, utcnow
 
-from . import outbox
-from .models import BatchItem, ItemStatus
+from . import batches, metrics, outbox
+from .models import BatchStatus
 from .settings import JobsSettings
 
 log = logging.getLogger(__name__)
 
 ITEM_MESSAGE = "batch.item"
-EVENTS_PER_PASS = 10
+EVENTS_PER_PASS = 1000
 
 
 def queue_declarer(settings: JobsSettings) -> Callable[[BlockingChannel], str]:
@@ -39,52 +47,129 @@ def queue_declarer(settings: JobsSettings) -> Callable[[BlockingChannel], str]:
     return declare
 
 
-class Relay:
-    """Drains the outbox to the work queue every `interval` seconds."""
+def dead_queue_declarer(settings: JobsSettings) -> Callable[[BlockingChannel], str]:
+    """Declares the same queues; returns the dead-letter queue's name (for the dead-letter consumer)."""
+    declare = queue_declarer(settings)
 
-    def __init__(self, db: Database, publisher: Publisher, *, queue: str, interval: float) -> None:
+    def declare_dead(channel: BlockingChannel) -> str:
+        declare(channel)
+        return settings.dead_queue
+
+    return declare_dead
+
+
+class QueueStats:
+    """Reads the work queues' depths with passive declares on a connection of its own (reopened when it dies)."""
+
+    def __init__(self, url: str, queues: dict[str, str]) -> None:
+        self._params = connection_parameters(url)
+        self._queues = queues
+        self._connection: pika.BlockingConnection | None = None
+
+    def depths(self) -> dict[str, int]:
+        """{label: ready messages} for the queues that exist."""
+        try:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = pika.BlockingConnection(self._params)
+            result = {}
+            for label, queue in self._queues.items():
+                channel = self._connection.channel()
+                try:
+                    result[label] = channel.queue_declare(queue, passive=True).method.message_count
+                    channel.close()
+                except AMQPError:  # not declared yet: the broker closed this channel
+                    continue
+            return result
+        except (AMQPError, OSError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the connection quietly."""
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except AMQPError:
+                pass
+
+
+class Relay:
+    """Drains the outbox and tops up the owners' windows every `interval` seconds."""
+
+    def __init__(
+        self,
+        db: Database,
+        publisher: Publisher,
+        *,
+        queue: str,
+        interval: float,
+        window: int = 64,
+        stats: QueueStats | None = None,
+        stats_interval: float = 5.0,
+    ) -> None:
         self._db = db
         self._publisher = publisher
         self._queue = queue
         self._interval = interval
+        self._window = window
+        self._stats = stats
+        self._stats_interval = stats_interval
+        self._stats_due = 0.0
         self._stop = threading.Event()
 
     def run_once(self) -> int:
-        """Publish every unpublished event (a few per transaction); returns how many were published."""
-        published = 0
-        while True:
-            with self._db.transaction() as session:
-                events = outbox.claim_unpublished(session, limit=EVENTS_PER_PASS)
-                for event in events:
-                    if event.type == outbox.BATCH_CREATED:
-                        self._publish_batch(session, str(event.payload.get("batch_id")))
-                    else:
-                        log.warning("unknown outbox event type; marking it published", extra={"event.type": event.type})
-                    outbox.mark_published(session, event_id=event.id)
-                    published += 1
-            if len(events) < EVENTS_PER_PASS:
-                return published
+        """One pass: returns how many outbox events were drained (the items it queued are logged)."""
+        with self._db.transaction() as session:
+            events = outbox.claim_unpublished(session, limit=EVENTS_PER_PASS)
+            for event in events:
+                if event.type != outbox.BATCH_CREATED:
+                    log.warning("unknown outbox event type; marking it published", extra={"event.type": event.type})
+                outbox.mark_published(session, event_id=event.id)
+            item_ids = batches.schedule(session, window=self._window, now=utcnow())
+            for item_id in item_ids:
+                self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
+        if item_ids:
+            log.info("batch items queued", extra={"batch.items_queued": len(item_ids)})
+        return len(events)
 
-    def _publish_batch(self, session: object, batch_id: str) -> None:
-        """One message per item still pending (cancelled or finished items need none)."""
-        item_ids = session.scalars(  # type: ignore[attr-defined]
-            select(BatchItem.id)
-            .where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
-            .order_by(BatchItem.line)
-        ).all()
-        for item_id in item_ids:
-            self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
-        log.info("batch queued", extra={"batch.id": batch_id, "batch.items_queued": len(item_ids)})
+    def expire_due(self) -> list[str]:
+        """End the batches whose completion window has passed."""
+        with self._db.transaction() as session:
+            expired = batches.expire_due(session, now=utcnow())
+        for batch_id in expired:
+            metrics.BATCHES.labels(status=BatchStatus.EXPIRED).inc()
+            log.info("batch expired", extra={"batch.id": batch_id, "batch.status": BatchStatus.EXPIRED})
+        return expired
+
+    def refresh_gauges(self) -> None:
+        """Queue depths, the oldest pending batch's age and the outbox lag, for Prometheus."""
+        now = utcnow()
+        with self._db.transaction() as session:
+            metrics.OLDEST_PENDING_AGE.set(batches.oldest_pending_age(session, now=now))
+            metrics.OUTBOX_LAG.set(outbox.oldest_unpublished_age(session, now=now))
+        if self._stats is not None:
+            for label, depth in self._stats.depths().items():
+                metrics.QUEUE_DEPTH.labels(queue=label).set(depth)
 
     def run(self) -> None:
-        """Poll until stopped; a failed pass (broker or database down) is retried on the next tick."""
+        """Poll until stopped; a failed step (broker or database down) is retried on the next tick."""
         while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.warning("outbox relay pass failed; retrying", exc_info=True)
+            for step in (self.run_once, self.expire_due):
+                try:
+                    step()
+                except Exception:
+                    log.warning("relay step failed; retrying", extra={"step": step.__name__}, exc_info=True)
+            if time.monotonic() >= self._stats_due:
+                self._stats_due = time.monotonic() + self._stats_interval
+                try:
+                    self.refresh_gauges()
+                except Exception:
+                    log.warning("refreshing the worker gauges failed", exc_info=True)
             self._stop.wait(self._interval)
         self._publisher.close()
+        if self._stats is not None:
+            self._stats.close()
 
     def start_in_thread(self) -> threading.Thread:
         """Run in a daemon thread."""

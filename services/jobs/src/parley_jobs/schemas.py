@@ -110,6 +110,17 @@ class BatchCreate(BaseModel):
         return value
 
 
+class BatchCreateHeaders(BaseModel):
+    """Optional headers of `POST /v1/batches`."""
+
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="A retry with the same key and body returns the same batch; another body under it is a 409",
+    )
+
+
 class BatchPath(BaseModel):
     """A batch id in the path."""
 

@@ -36,6 +36,14 @@ class JobsSettings(ServiceSettings):
     relay_interval: float = Field(0.2, gt=0)
     delivery_limit: int = Field(5, ge=1)
     item_timeout: float = Field(600.0, gt=0)
+    # The "24h" completion window, shortened in tests; the worker's sweep expires batches that outlive it.
+    completion_window_seconds: float = Field(86_400.0, gt=0)
+    # Items one owner may have queued but unfinished; the relay tops the window up as they finish (fairness).
+    schedule_window: int = Field(64, ge=1, le=100_000)
+    # The worker is not under gunicorn: it serves its own /metrics here (0 = off).
+    worker_metrics_port: int = Field(9464, ge=0, le=65535)
+    # How often the worker refreshes its gauges (queue depth, oldest pending age, outbox lag).
+    stats_interval: float = Field(5.0, gt=0)
 
     @property
     def items_queue(self) -> str:
@@ -46,6 +54,11 @@ class JobsSettings(ServiceSettings):
     def dead_letter_exchange(self) -> str:
         """Where items that exhausted their deliveries go."""
         return self.amqp_name("jobs.dlx")
+
+    @property
+    def dead_queue(self) -> str:
+        """Where the dead-letter exchange puts them (named by the kit's `declare_work_queue`)."""
+        return f"{self.items_queue}.dead"
 
 
 def load_settings() -> JobsSettings:

@@ -13,6 +13,7 @@ from parley_kit.tokens import Identity, TokenVerifier, authenticate
 from . import batches, files
 from .schemas import (
     BatchCreate,
+    BatchCreateHeaders,
     BatchList,
     BatchObject,
     BatchPath,
@@ -125,9 +126,10 @@ def file_content(path: FilePath) -> Response:
 
 
 @api.post("/batches", tags=[BATCHES], responses={200: BatchObject})
-def create_batch(body: BatchCreate) -> Response:
+def create_batch(body: BatchCreate, header: BatchCreateHeaders) -> Response:
     """Create a batch from an uploaded `batch` file; its lines are queued for the workers."""
     identity = _identity()
+    settings = _settings()
     with _db().transaction() as session:
         batch = batches.create_batch(
             session,
@@ -137,10 +139,12 @@ def create_batch(body: BatchCreate) -> Response:
             endpoint=body.endpoint,
             completion_window=body.completion_window,
             metadata=body.metadata,
-            max_lines=_settings().max_lines,
+            max_lines=settings.max_lines,
+            window_seconds=settings.completion_window_seconds,
+            idempotency_key=header.idempotency_key,
+            body_hash=batches.request_hash(body.model_dump(mode="json")),
         )
-        counts = batches.Counts(total=batch.total, completed=0, failed=0)
-        return model_response(BatchObject.of(batch, counts))
+        return model_response(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))
 
 
 @api.get("/batches", tags=[BATCHES], responses={200: BatchList})

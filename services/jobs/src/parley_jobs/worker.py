@@ -1,7 +1,9 @@
 """The batch worker: runs each item through llm as the batch's owner, writes its result once, finalises batches.
 
-One process: the outbox relay in a thread, and a kit `Consumer` (prefetch `worker_prefetch`, handlers on a thread
-pool, ack after the handler's commit).
+One process: the relay/scheduler in a thread, a kit `Consumer` of the items queue (prefetch `worker_prefetch`,
+handlers on a thread pool, ack after the handler's commit), a second one of the dead-letter queue (items RabbitMQ
+gave up on after the delivery limit: recorded as failed so they reach the error file and the batch can end), and
+Prometheus metrics on `worker_metrics_port`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from parley_kit.errors import ParleyError, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
 
-from . import batches, open_database
+from . import batches, metrics, open_database
 from .credentials import ActAsRefused, ActingTokens
-from .relay import Relay, queue_declarer
+from .relay import QueueStats, Relay, dead_queue_declarer, queue_declarer
 from .settings import JobsSettings
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,17 @@ class ItemProcessor:
         if batch_id is None:
             log.warning("batch item not found; dropping its message", extra={"batch.item_id": item_id})
             return
-        if work is not None:
+        if work is None:
+            metrics.ITEMS_PROCESSED.labels(outcome="skipped").inc()
+        else:
             last_attempt = message.delivery_count >= self._delivery_limit or work.attempts > self._delivery_limit
-            outcome = self._run(work, last_attempt=last_attempt)
+            try:
+                outcome = self._run(work, last_attempt=last_attempt)
+            except Exception:
+                metrics.ITEMS_PROCESSED.labels(outcome="retried").inc()
+                raise
             with self._db.transaction() as session:
-                batches.record_result(
+                recorded = batches.record_result(
                     session,
                     item_id=item_id,
                     succeeded=outcome.succeeded,
@@ -77,6 +85,8 @@ class ItemProcessor:
                     body=outcome.body,
                     error=outcome.error,
                 )
+            if recorded:
+                metrics.ITEMS_PROCESSED.labels(outcome="succeeded" if outcome.succeeded else "failed").inc()
         # Also for a redelivered, already finished item: its first worker may have died before finalising.
         self.finish(batch_id)
 
@@ -92,8 +102,33 @@ class ItemProcessor:
             extra={"batch.id": batch_id, "batch.done": done, "batch.total": total},
         )
         if final:
+            metrics.BATCHES.labels(status=final).inc()
             log.info("batch %s", final, extra={"batch.id": batch_id, "batch.status": final})
         return final
+
+    def handle_dead(self, message: Message) -> None:
+        """An item RabbitMQ dead-lettered after the delivery limit (its workers kept dying or failing): record it
+        failed, so it reaches the error file and its batch can end."""
+        item_id = message.data.get("item_id")
+        if not isinstance(item_id, str):
+            log.error("dead-lettered message without an item_id; dropped", extra={"message.id": message.id})
+            return
+        error = {
+            "code": "delivery_limit_exceeded",
+            "message": f"The request was abandoned after {self._delivery_limit} delivery attempts.",
+        }
+        with self._db.transaction() as session:
+            batch_id = batches.item_batch_id(session, item_id=item_id)
+            recorded = batch_id is not None and batches.record_result(
+                session, item_id=item_id, succeeded=False, error=error
+            )
+        if batch_id is None:
+            log.warning("dead-lettered item not found; dropped", extra={"batch.item_id": item_id})
+            return
+        if recorded:
+            metrics.ITEMS_PROCESSED.labels(outcome="dead_lettered").inc()
+            log.error("batch item dead-lettered", extra={"batch.id": batch_id, "batch.item_id": item_id})
+        self.finish(batch_id)
 
     def _run(self, work: batches.ItemWork, *, last_attempt: bool) -> Outcome:
         """Call llm; a transient failure raises unless this is the last delivery, which records it as failed."""
@@ -118,7 +153,8 @@ class ItemProcessor:
             "POST",
             work.endpoint,
             json=work.body,
-            headers={"Authorization": f"Bearer {token}"},
+            # llm charges one item once, however often it is redelivered (a worker died after the call).
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": work.item_id},
             timeout=self._timeout,
         )
         body = _decode(response.data)
@@ -180,25 +216,36 @@ def run_worker(settings: JobsSettings) -> None:
         Publisher(settings.amqp_url, declare=declare),
         queue=settings.items_queue,
         interval=settings.relay_interval,
+        window=settings.schedule_window,
+        stats=QueueStats(settings.amqp_url, {"items": settings.items_queue, "dead": settings.dead_queue}),
+        stats_interval=settings.stats_interval,
     )
     processor = build_processor(settings, db)
     consumer = Consumer(
         settings.amqp_url, processor.handle, declare=declare, prefetch=settings.worker_prefetch, name="jobs-items"
     )
+    dead_consumer = Consumer(
+        settings.amqp_url, processor.handle_dead, declare=dead_queue_declarer(settings), prefetch=1, name="jobs-dead"
+    )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("stopping the worker", extra={"signal": signal.Signals(signum).name})
         consumer.stop()
+        dead_consumer.stop()
         relay.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    metrics.serve(settings.worker_metrics_port)
     relay_thread = relay.start_in_thread()
+    dead_thread = dead_consumer.start_in_thread()
     log.info("jobs worker started", extra={"queue": settings.items_queue})
     try:
         consumer.run()
     finally:
         relay.stop()
+        dead_consumer.stop()
         relay_thread.join(timeout=10)
+        dead_thread.join(timeout=10)
         db.dispose()
         logs.shutdown()
