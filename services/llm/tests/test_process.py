@@ -4,55 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import anthropic
 import openai
 import pytest
 from sqlalchemy import create_engine, text
-
-from parley_kit.db import upgrade
-from parley_kit.testing import ServiceProcess, free_port, python_module
-from parley_llm import MIGRATIONS_DIR
-
-
-@pytest.fixture(scope="module")
-def llm_db(postgres) -> str:  # type: ignore[no-untyped-def]
-    """A database of its own for the served process."""
-    url = postgres.create_database("llm_process")
-    upgrade(MIGRATIONS_DIR, url)
-    return url
-
-
-@pytest.fixture(scope="module")
-def llm(fake_provider: str, llm_db: str, token_mint, provider_key: str, tmp_path_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
-    """The llm service under gunicorn with gevent workers on a free port."""
-    port = free_port()
-    env = {
-        "LLM_BIND": f"127.0.0.1:{port}",
-        "LLM_WORKERS": "2",
-        "LLM_WORKER_CLASS": "gevent",
-        "LLM_DATABASE_URL": llm_db,
-        "LLM_OPENAI_BASE_URL": f"{fake_provider}/v1",
-        "LLM_ANTHROPIC_BASE_URL": fake_provider,
-        "LLM_OPENAI_API_KEY": provider_key,
-        "LLM_ANTHROPIC_API_KEY": provider_key,
-        "LLM_METRICS_DIR": str(tmp_path_factory.mktemp("metrics")),
-        "PARLEY_JWKS_URL": token_mint.jwks_url,
-        "PARLEY_ENV": "test",
-    }
-    process = ServiceProcess(
-        "llm",
-        python_module("parley_llm", "serve"),
-        env=env,
-        log_dir=tmp_path_factory.mktemp("llm"),
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    )
-    process.start()
-    process.base_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    yield process
-    process.stop()
 
 
 def ledger(url: str, user: str, *, expected: int, timeout: float = 10.0) -> list[dict]:
@@ -192,6 +148,9 @@ def test_provider_key_never_leaks(llm, provider_key: str, fake_provider: str, to
     for payload in (
         b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x #fake:error=400"}]}',
         b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x #fake:error=500"}]}',
+        # Retried paths: a 429 with a short Retry-After, and a 529 on a model with a fallback.
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x #fake:error=429 #fake:retry_after=0"}]}',
+        b'{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{"role":"user","content":"x #fake:error=529"}]}',
         b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"x #fake:cut_after=2"}]}',
         b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}',
     ):

@@ -14,7 +14,9 @@ from parley_kit.health import Health
 from parley_kit.tokens import TokenVerifier
 
 from .catalog import load_catalog
+from .ledger_views import register_ledger_routes
 from .relay import Ledger
+from .routing import RetryPolicy, Router
 from .settings import LlmSettings, load_settings
 from .upstream import Upstreams
 from .views import LlmState, register_routes
@@ -38,6 +40,7 @@ def create_app(settings: LlmSettings | None = None) -> OpenAPI:
     state = build_state(settings)
     app.extensions["parley_llm"] = state
     register_routes(app, state)
+    register_ledger_routes(app, state)
     register_health(health, state)
     atexit.register(state.close)
     return app
@@ -47,13 +50,28 @@ def build_state(settings: LlmSettings) -> LlmState:
     """Everything a worker builds once after fork; a bad models file stops the service here."""
     catalog = load_catalog(settings.models_file)
     db = Database(settings.database_url)
+    upstreams = Upstreams(settings)
+    policy = RetryPolicy(
+        max_attempts=settings.max_attempts,
+        backoff_base=settings.retry_backoff,
+        retry_max_wait=settings.retry_max_wait,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown=settings.breaker_cooldown,
+    )
     return LlmState(
         catalog=catalog,
         db=db,
         verifier=TokenVerifier(settings.jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience),
-        upstreams=Upstreams(settings),
-        ledger=Ledger(db.engine, catalog.price_version),
+        upstreams=upstreams,
+        router=Router(catalog, policy, upstreams),
+        ledger=Ledger(
+            db.engine,
+            catalog.price_version,
+            budget_cache_seconds=settings.budget_cache_seconds,
+            default_max_tokens=settings.default_max_tokens,
+        ),
         log_prompts=settings.log_prompts,
+        idempotency_wait=settings.idempotency_wait,
     )
 
 

@@ -23,7 +23,12 @@ def check_models() -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"price version {catalog.price_version}")
     for name, deployment in catalog.models.items():
-        click.echo(f"{name}: {deployment.provider.value} {deployment.upstream_model} ({deployment.operation.value})")
+        targets = ", ".join(
+            f"{t.provider.value} {t.upstream_model}" + (f" weight {t.weight}" if len(deployment.targets()) > 1 else "")
+            for t in deployment.targets()
+        )
+        fallbacks = f" → {', '.join(deployment.fallbacks)}" if deployment.fallbacks else ""
+        click.echo(f"{name}: {targets} ({deployment.operation.value}){fallbacks}")
 
 
 if __name__ == "__main__":

@@ -36,17 +36,61 @@ class Price(BaseModel):
     output: Decimal = Field(ge=0)
 
 
+class Target(BaseModel):
+    """One upstream deployment behind a public name, chosen by weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: Provider
+    upstream_model: str = Field(min_length=1)
+    weight: int = Field(1, ge=1)
+
+
 class Deployment(BaseModel):
-    """Where a public model name is served."""
+    """Where a public model name is served: its primary deployment, its other deployments and its fallbacks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = ""
     provider: Provider
     upstream_model: str = Field(min_length=1)
+    weight: int = Field(1, ge=1)
     operation: Operation = Operation.CHAT
     created: int = 0
     price: Price | None = None
+    deployments: tuple[Target, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_from_deployments(cls, data: Any) -> Any:
+        """`deployments:` alone is enough: the first one is the primary (it names the provider for the API)."""
+        if isinstance(data, dict) and data.get("deployments") and "provider" not in data:
+            first = data["deployments"][0]
+            if isinstance(first, dict):
+                data = {**data, "provider": first.get("provider"), "upstream_model": first.get("upstream_model")}
+        return data
+
+    @property
+    def key(self) -> str:
+        """The breaker's name for this upstream deployment (`provider:upstream_model`)."""
+        return f"{self.provider.value}:{self.upstream_model}"
+
+    def targets(self) -> tuple[Deployment, ...]:
+        """Every upstream deployment of this name as a Deployment (the name's price and operation kept)."""
+        if not self.deployments:
+            return (self,)
+        return tuple(
+            self.model_copy(
+                update={
+                    "provider": t.provider,
+                    "upstream_model": t.upstream_model,
+                    "weight": t.weight,
+                    "deployments": (),
+                }
+            )
+            for t in self.deployments
+        )
 
     def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
         """The USD cost of a call at this deployment's price."""
@@ -84,6 +128,18 @@ class Catalog(BaseModel):
         if prices:
             raise ValueError(f"prices: no model named {', '.join(sorted(map(str, prices)))}")
         return {"price_version": version, "models": merged}
+
+    @model_validator(mode="after")
+    def _check_fallbacks(self) -> Catalog:
+        """Fallbacks name other models of the same operation."""
+        for name, deployment in self.models.items():
+            for fallback in deployment.fallbacks:
+                other = self.models.get(fallback)
+                if other is None or fallback == name:
+                    raise ValueError(f"models.{name}.fallbacks: no other model named {fallback}")
+                if other.operation is not deployment.operation:
+                    raise ValueError(f"models.{name}.fallbacks: {fallback} is not a {deployment.operation.value} model")
+        return self
 
     def get(self, name: str) -> Deployment | None:
         """The deployment behind a public name, if any."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Index, Integer, Numeric, String
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, Numeric, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from parley_kit.db import UTCDateTime, make_metadata, utcnow
@@ -41,3 +41,38 @@ class UsageRecord(Base):
 
 
 usage_records = UsageRecord.__table__
+
+
+class Budget(Base):
+    """A USD budget of one user or one API key for a period; amounts in integer nano-USD so sums stay exact."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("scope", "subject_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(8))  # user | key
+    subject_id: Mapped[str] = mapped_column(String(128))
+    period: Mapped[str] = mapped_column(String(8))  # day | month | total
+    limit_nusd: Mapped[int] = mapped_column(BigInteger)
+    spent_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    """A claimed Idempotency-Key of one user: pending while the first request runs, then its stored answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))  # pending | done
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+budgets = Budget.__table__
+idempotency_keys = IdempotencyRecord.__table__

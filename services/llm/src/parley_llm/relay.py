@@ -16,12 +16,13 @@ import httpx2
 import orjson
 from sqlalchemy import Engine
 
+from parley_kit.db import utcnow
 from parley_kit.errors import ParleyError, UpstreamError
 
-from . import service
-from .catalog import Deployment, Provider
+from . import budgets, service
+from .catalog import Deployment, Operation, Provider
+from .routing import Router
 from .telemetry import CallRecord, observe
-from .upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class CallContext:
     operation: str  # chat | embeddings | messages
     body: dict[str, Any]
     started: float  # perf_counter at request start
+    response: Any = None  # the upstream response once routed
+    reservation: Any = None  # the budget reservation to settle, if the caller has budgets
 
     def new_record(self, *, streamed: bool = False) -> CallRecord:
         """An empty call record for this context."""
@@ -55,11 +58,30 @@ Settle = Callable[[CallContext, CallRecord, "float | None"], None]
 
 
 class Ledger:
-    """Prices a finished call, records its metrics and log line, and writes its one usage row."""
+    """Reserves budget before a call; after it, one usage row, its metrics and log line, and the settled budget."""
 
-    def __init__(self, engine: Engine, price_version: str) -> None:
+    def __init__(
+        self, engine: Engine, price_version: str, *, budget_cache_seconds: float = 0, default_max_tokens: int = 1024
+    ) -> None:
         self.engine = engine
         self.price_version = price_version
+        self.directory = budgets.BudgetDirectory(engine, budget_cache_seconds)
+        self.default_max_tokens = default_max_tokens
+
+    def reserve(self, ctx: CallContext) -> None:
+        """Hold the call's estimated cost on the caller's budgets (none: no database work); 429 when over."""
+        subjects = self.directory.subjects_for(ctx.user_id, ctx.key_id)
+        if not subjects:
+            return
+        body = ctx.body
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            max_tokens = self.default_max_tokens
+        if ctx.deployment.operation is Operation.EMBEDDINGS:
+            max_tokens = 0
+        estimate = budgets.to_nano(ctx.deployment.cost(estimate_prompt_words(body), max_tokens))
+        with self.engine.begin() as connection:
+            ctx.reservation = budgets.reserve(connection, subjects=subjects, estimate_nusd=estimate, now=utcnow())
 
     def settle(self, ctx: CallContext, record: CallRecord, first_chunk: float | None = None) -> None:
         """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response."""
@@ -83,6 +105,9 @@ class Ledger:
                     status=record.status,
                     price_version=self.price_version,
                 )
+                if ctx.reservation is not None:
+                    reservation, ctx.reservation = ctx.reservation, None
+                    budgets.settle(connection, reservation, cost_nusd=budgets.to_nano(cost), now=utcnow())
         except Exception:
             log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
 
@@ -122,7 +147,7 @@ def read_usage(record: CallRecord, provider: Provider, data: Any) -> None:
 
 
 def complete(
-    upstreams: Upstreams,
+    router: Router,
     ctx: CallContext,
     *,
     path: str,
@@ -134,8 +159,8 @@ def complete(
     record = ctx.new_record()
     provider = ctx.deployment.provider
     try:
-        response = upstreams.post(provider, path, content, stream=False, headers=headers)
-        body = response.content
+        routed_to(ctx, record, router.post(ctx.deployment, path, content, stream=False, headers=headers))
+        body = ctx.response.content
         try:
             read_usage(record, provider, orjson.loads(body))
         except orjson.JSONDecodeError:
@@ -319,8 +344,16 @@ def relay_stream(
         settle(ctx, record, first_chunk)
 
 
+def routed_to(ctx: CallContext, record: CallRecord, routed: tuple[Deployment, httpx2.Response]) -> None:
+    """Point the context and record at the deployment that answered (a fallback is charged at its own price)."""
+    ctx.deployment, ctx.response = routed
+    record.provider = ctx.deployment.provider.value
+    record.request_model = ctx.deployment.name
+    record.upstream_model = ctx.deployment.upstream_model
+
+
 def start_stream(
-    upstreams: Upstreams,
+    router: Router,
     ctx: CallContext,
     record: CallRecord,
     *,
@@ -331,7 +364,8 @@ def start_stream(
 ) -> httpx2.Response:
     """Open the upstream stream; a refusal before the first byte is settled as an error and raised."""
     try:
-        return upstreams.post(ctx.deployment.provider, path, content, stream=True, headers=headers)
+        routed_to(ctx, record, router.post(ctx.deployment, path, content, stream=True, headers=headers))
+        return ctx.response
     except ParleyError as exc:
         record.status = "error"
         record.error_type = exc.code if exc.status >= 500 else str(exc.status)

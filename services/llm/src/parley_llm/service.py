@@ -59,41 +59,50 @@ def record_usage(
     )
 
 
-def usage_by_day(session: Session, *, user_id: str, start: date | None = None, end: date | None = None) -> list[dict]:
-    """The caller's usage per UTC day and model, oldest first."""
+def usage_by_day(
+    session: Session,
+    *,
+    user_id: str | None,
+    start: date | None = None,
+    end: date | None = None,
+    by_user: bool = False,
+) -> list[dict]:
+    """Usage per UTC day and model (and user, for the admin aggregate), oldest first; one user's or everyone's."""
     created = UsageRecord.created_at
     if session.get_bind().dialect.name == "postgresql":
         day: Any = cast(func.timezone("UTC", created), Date)
     else:  # SQLite stores UTC text; date() takes its first ten characters
         day = func.date(created)
     day = day.label("day")
+    keys: list[Any] = [day, UsageRecord.user_id, UsageRecord.model] if by_user else [day, UsageRecord.model]
     query = (
         select(
-            day,
-            UsageRecord.model,
+            *keys,
             func.count().label("requests"),
             func.coalesce(func.sum(UsageRecord.input_tokens), 0).label("input_tokens"),
             func.coalesce(func.sum(UsageRecord.output_tokens), 0).label("output_tokens"),
             func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
         )
-        .where(UsageRecord.user_id == user_id)
-        .group_by(day, UsageRecord.model)
-        .order_by(day, UsageRecord.model)
+        .group_by(*keys)
+        .order_by(*keys)
     )
+    if user_id is not None:
+        query = query.where(UsageRecord.user_id == user_id)
     if start is not None:
         query = query.where(created >= datetime.combine(start, time.min, UTC))
     if end is not None:
         query = query.where(created < datetime.combine(end + timedelta(days=1), time.min, UTC))
     rows = []
     for row in session.execute(query):
-        rows.append(
-            {
-                "date": row.day.isoformat() if isinstance(row.day, date) else str(row.day),
-                "model": row.model,
-                "requests": int(row.requests),
-                "input_tokens": int(row.input_tokens),
-                "output_tokens": int(row.output_tokens),
-                "cost_usd": float(Decimal(str(row.cost_usd))),
-            }
+        item: dict[str, Any] = {"date": row.day.isoformat() if isinstance(row.day, date) else str(row.day)}
+        if by_user:
+            item["user_id"] = row.user_id
+        item.update(
+            model=row.model,
+            requests=int(row.requests),
+            input_tokens=int(row.input_tokens),
+            output_tokens=int(row.output_tokens),
+            cost_usd=float(Decimal(str(row.cost_usd))),
         )
+        rows.append(item)
     return rows

@@ -33,6 +33,18 @@ class LlmSettings(ServiceSettings):
     first_byte_timeout: float = Field(60.0, gt=0)
     total_timeout: float = Field(600.0, gt=0)
     log_prompts: bool = False
+    # One retry loop of ours (the SDKs' are off): attempts per client call across deployments and fallbacks.
+    max_attempts: int = Field(2, ge=1, le=10)
+    retry_backoff: float = Field(0.1, ge=0)
+    retry_max_wait: float = Field(2.0, ge=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown: float = Field(30.0, gt=0)
+    # Who has a budget is cached this long per process (0: ask the database on every call).
+    budget_cache_seconds: float = Field(2.0, ge=0)
+    # The output-token estimate for a reservation when the request sets no max_tokens.
+    default_max_tokens: int = Field(1024, ge=1)
+    # How long a duplicate waits for the first request with the same Idempotency-Key to finish.
+    idempotency_wait: float = Field(60.0, gt=0)
 
 
 def load_settings() -> LlmSettings:

@@ -98,15 +98,25 @@ class Upstreams:
         except (openai.APIStatusError, anthropic.APIStatusError) as exc:
             raise self.status_error(provider, exc.response) from None
         except (openai.APITimeoutError, anthropic.APITimeoutError):
-            raise GatewayTimeout(
+            error: ParleyError = GatewayTimeout(
                 f"the {provider.value} provider did not answer in time", code="upstream_timeout"
-            ) from None
+            )
         except (openai.APIConnectionError, anthropic.APIConnectionError):
-            raise UpstreamError(f"the {provider.value} provider is unreachable", code="upstream_unreachable") from None
+            error = UpstreamError(f"the {provider.value} provider is unreachable", code="upstream_unreachable")
+        error.upstream_status = 0  # type: ignore[attr-defined]
+        raise error
 
     def status_error(self, provider: Provider, response: httpx2.Response) -> ParleyError:
         """The client-facing error for a provider's 4xx/5xx: its status (5xx → 502), its message minus secrets."""
         status = response.status_code
+        error = self._status_error(provider, status, response)
+        # The retry loop reads what the provider said, not what the client will see.
+        error.upstream_status = status  # type: ignore[attr-defined]
+        error.retry_after = _retry_after(response.headers.get("retry-after"))  # type: ignore[attr-defined]
+        return error
+
+    def _status_error(self, provider: Provider, status: int, response: httpx2.Response) -> ParleyError:
+        """Map one provider error answer to a ParleyError."""
         message, code = _provider_message(response.content)
         log.warning(
             "provider answered an error",
@@ -144,6 +154,16 @@ class Upstreams:
         """Close the pooled connections."""
         self.openai.close()
         self.anthropic.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds (the delta form; an HTTP date is treated as absent)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 def _provider_message(content: bytes) -> tuple[str, str | None]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
 from typing import Any
 
 import orjson
@@ -18,8 +17,9 @@ from parley_kit.db import Database
 from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
 
-from . import relay, service
+from . import idempotency, relay, translate
 from .catalog import Catalog, Deployment, Operation, Provider
+from .routing import Router
 from .telemetry import CallRecord
 from .upstream import Upstreams
 
@@ -32,8 +32,10 @@ class LlmState:
     db: Database
     verifier: TokenVerifier
     upstreams: Upstreams
+    router: Router
     ledger: relay.Ledger
     log_prompts: bool = False
+    idempotency_wait: float = 60.0
 
     def close(self) -> None:
         """Release pooled database and provider connections."""
@@ -97,31 +99,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class UsageQuery(BaseModel):
-    """Optional UTC day range (inclusive)."""
-
-    start: date | None = None
-    end: date | None = None
-
-
-class UsageRow(BaseModel):
-    """The caller's usage of one model on one UTC day."""
-
-    date: str
-    model: str
-    requests: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-
-
-class UsageList(BaseModel):
-    """`GET /v1/usage`."""
-
-    object: str = "list"
-    data: list[UsageRow]
-
-
 # ----- routes ---------------------------------------------------------------------------------------------------
 
 
@@ -147,22 +124,41 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
     def stream_response(events: Any) -> Response:
         return Response(stream_with_context(events), mimetype="text/event-stream", headers=relay.SSE_HEADERS)
 
+    def translated(bridge: translate.Bridge, ctx: relay.CallContext, raw: dict[str, Any]) -> Response:
+        """A model of the other API family: the request, the answer and each stream event are translated."""
+        content = bridge.request(raw, model=ctx.deployment.upstream_model)
+        # Reserve only once the request is known to be translatable: a 400 here must not hold budget.
+        state.ledger.reserve(ctx)
+        if not raw.get("stream"):
+            answer = relay.complete(state.router, ctx, path=bridge.path, content=content, settle=deferred_settle(ctx))
+            return Response(bridge.response(answer), mimetype="application/json")
+        record = ctx.new_record(streamed=True)
+        upstream = relay.start_stream(
+            state.router, ctx, record, path=bridge.path, content=content, settle=state.ledger.settle
+        )
+        meter = bridge.stream_meter(record, raw, redact=state.upstreams.redact)
+        return stream_response(
+            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+        )
+
+    once = idempotency.idempotent(
+        state.db, wait=state.idempotency_wait, stale_after=state.idempotency_wait + state.router.total_timeout
+    )
+
     @bp.post("/chat/completions", responses={200: ProviderAnswer})
+    @once
     def chat_completions(body: ChatCompletionRequest) -> Response:
         """Create a chat completion (OpenAI format), streamed or not."""
         deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
-        if deployment.provider is not Provider.OPENAI:
-            raise BadRequest(
-                f"model {body.model!r} is not available in the OpenAI chat format; use /v1/messages",
-                code="model_not_available",
-                param="model",
-            )
         raw: dict[str, Any] = request.get_json()
         ctx = context(g.identity, deployment, "chat", raw)
+        if (bridge := translate.bridge(Provider.OPENAI, deployment.provider)) is not None:
+            return translated(bridge, ctx, raw)
+        state.ledger.reserve(ctx)
         if not body.stream:
             content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
             answer = relay.complete(
-                state.upstreams, ctx, path="/chat/completions", content=content, settle=deferred_settle(ctx)
+                state.router, ctx, path="/chat/completions", content=content, settle=deferred_settle(ctx)
             )
             return Response(answer, mimetype="application/json")
         options = raw.get("stream_options") or {}
@@ -174,7 +170,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         }
         record = ctx.new_record(streamed=True)
         upstream = relay.start_stream(
-            state.upstreams,
+            state.router,
             ctx,
             record,
             path="/chat/completions",
@@ -183,7 +179,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         )
         meter = relay.OpenAIStreamMeter(record, client_wants_usage=bool(options.get("include_usage")))
         return stream_response(
-            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.upstreams.total_timeout)
+            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
     @bp.post("/embeddings", responses={200: ProviderAnswer})
@@ -192,32 +188,32 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         deployment = resolve(state.catalog, g.identity, body.model, Operation.EMBEDDINGS)
         raw: dict[str, Any] = request.get_json()
         ctx = context(g.identity, deployment, "embeddings", raw)
+        state.ledger.reserve(ctx)
         content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
-        answer = relay.complete(state.upstreams, ctx, path="/embeddings", content=content, settle=deferred_settle(ctx))
+        answer = relay.complete(state.router, ctx, path="/embeddings", content=content, settle=deferred_settle(ctx))
         return Response(answer, mimetype="application/json")
 
     @bp.post("/messages", responses={200: ProviderAnswer})
+    @once
     def messages(body: MessagesRequest) -> Response:
         """Create a message (Anthropic format), streamed or not."""
         deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
-        if deployment.provider is not Provider.ANTHROPIC:
-            raise BadRequest(
-                f"model {body.model!r} is not available in the Anthropic messages format; use /v1/chat/completions",
-                code="model_not_available",
-            )
         raw: dict[str, Any] = request.get_json()
         ctx = context(g.identity, deployment, "messages", raw)
+        if (bridge := translate.bridge(Provider.ANTHROPIC, deployment.provider)) is not None:
+            return translated(bridge, ctx, raw)
+        state.ledger.reserve(ctx)
         beta = request.headers.get("anthropic-beta")
         headers = {"anthropic-beta": beta} if beta else None
         content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
         if not body.stream:
             answer = relay.complete(
-                state.upstreams, ctx, path="/v1/messages", content=content, settle=deferred_settle(ctx), headers=headers
+                state.router, ctx, path="/v1/messages", content=content, settle=deferred_settle(ctx), headers=headers
             )
             return Response(answer, mimetype="application/json")
         record = ctx.new_record(streamed=True)
         upstream = relay.start_stream(
-            state.upstreams,
+            state.router,
             ctx,
             record,
             path="/v1/messages",
@@ -227,7 +223,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         )
         meter = relay.AnthropicStreamMeter(record)
         return stream_response(
-            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.upstreams.total_timeout)
+            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
     @bp.get("/models", responses={200: ModelList})
@@ -240,15 +236,6 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
             if allowed is None or name in allowed
         ]
         return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
-
-    @bp.get("/usage", responses={200: UsageList})
-    def usage(query: UsageQuery) -> Response:
-        """The caller's usage aggregated by UTC day and model."""
-        if query.start and query.end and query.start > query.end:
-            raise BadRequest("start must not be after end", param="start")
-        with state.db.transaction() as session:
-            rows = service.usage_by_day(session, user_id=g.identity.subject, start=query.start, end=query.end)
-        return Response(orjson.dumps({"object": "list", "data": rows}), mimetype="application/json")
 
     app.register_api(bp)
 

@@ -1,0 +1,180 @@
+"""Budgets: admin routes, reserve → settle → refund through the API (PostgreSQL and SQLite), usage exports.
+
+Costs are exact: a price table where one output token costs $0.10 and every call asks for max_tokens=1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from parley_kit.db import Database, upgrade
+from parley_kit.errors import BudgetExceeded
+from parley_llm import MIGRATIONS_DIR, budgets
+from parley_llm.budgets import Period, Scope
+
+DIME_MODELS = """
+prices:
+  price_version: test-dime
+  dime-gpt: {input: 0, output: 100000}
+  dime-claude: {input: 0, output: 100000}
+models:
+  dime-gpt: {provider: openai, upstream_model: gpt-4o-mini}
+  dime-claude: {provider: anthropic, upstream_model: claude-haiku-4-5}
+"""
+
+
+def dime_chat(text: str = "hello") -> dict:
+    return {"model": "dime-gpt", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
+
+
+def dime_message(text: str = "hello") -> dict:
+    return {"model": "dime-claude", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.fixture(scope="module")
+def dime_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("prices") / "models.yaml"
+    path.write_text(DIME_MODELS)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def dime_app(request, make_app, dime_file: str, postgres, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The llm app with the dime price table, on PostgreSQL and on SQLite."""
+    if request.param == "postgresql":
+        url = postgres.create_database("llm_budgets")
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('budgets')}/llm.db"
+    upgrade(MIGRATIONS_DIR, url)
+    return make_app(database_url=url, models_file=dime_file)
+
+
+@pytest.fixture
+def admin(dime_app, make_client, token_mint) -> Any:  # type: ignore[no-untyped-def]
+    return make_client(dime_app, token_mint.mint("the-admin", roles=["admin"]))
+
+
+def put_budget(admin: Any, who: str, limit: str, period: str = "month") -> Any:
+    return admin._client.put(f"/v1/budgets/{who}", json={"limit_usd": limit, "period": period}, headers=admin.headers)
+
+
+def test_user_budget_admits_what_it_covers_then_429_in_each_apis_shape(
+    dime_app, admin, make_client, token_mint, user: str
+) -> None:  # type: ignore[no-untyped-def]
+    assert put_budget(admin, f"users/{user}", "0.25").status_code == 200
+    member = make_client(dime_app, token_mint.mint(user, key_id=f"{user}-k"))
+    assert member.post("/v1/chat/completions", json=dime_chat()).status_code == 200
+    assert member.post("/v1/messages", json=dime_message()).status_code == 200
+    refused = member.post("/v1/chat/completions", json=dime_chat())
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "insufficient_quota"
+    assert refused.get_json()["error"]["type"] == "insufficient_quota"
+    refused = member.post("/v1/messages", json=dime_message())
+    assert refused.status_code == 429 and refused.get_json()["type"] == "error"
+    budget = member.get(f"/v1/budgets/users/{user}").get_json()  # owners may read their own
+    assert budget["spent_usd"] == pytest.approx(0.2) and budget["reserved_usd"] == 0
+    assert budget["remaining_usd"] == pytest.approx(0.05) and budget["period"] == "month"
+
+
+def test_failed_calls_are_refunded(dime_app, admin, make_client, token_mint, user: str) -> None:  # type: ignore[no-untyped-def]
+    assert put_budget(admin, f"users/{user}", "0.10", "day").status_code == 200
+    member = make_client(dime_app, token_mint.mint(user))
+    for _ in range(3):  # each failure releases its reservation: the next call still fits
+        assert member.post("/v1/chat/completions", json=dime_chat("x #fake:error=400")).status_code == 400
+    assert member.post("/v1/chat/completions", json=dime_chat()).status_code == 200
+    assert member.post("/v1/chat/completions", json=dime_chat()).status_code == 429
+    budget = admin.get(f"/v1/budgets/users/{user}").get_json()
+    assert budget["spent_usd"] == pytest.approx(0.1) and budget["reserved_usd"] == 0
+
+
+def test_key_budget_applies_to_that_key_only(dime_app, admin, make_client, token_mint, user: str) -> None:  # type: ignore[no-untyped-def]
+    key = f"{user}-key"
+    assert put_budget(admin, f"keys/{key}", "0.10", "total").status_code == 200
+    with_key = make_client(dime_app, token_mint.mint(user, key_id=key))
+    other_key = make_client(dime_app, token_mint.mint(user, key_id=f"{key}-2"))
+    assert with_key.post("/v1/chat/completions", json=dime_chat()).status_code == 200
+    assert with_key.post("/v1/chat/completions", json=dime_chat()).status_code == 429
+    assert other_key.post("/v1/chat/completions", json=dime_chat()).status_code == 200
+    assert with_key.get(f"/v1/budgets/keys/{key}").get_json()["spent_usd"] == pytest.approx(0.1)
+
+
+def test_budget_routes_are_for_admins(dime_app, admin, make_client, token_mint, user: str) -> None:  # type: ignore[no-untyped-def]
+    member = make_client(dime_app, token_mint.mint(user))
+    assert put_budget(member, f"users/{user}", "100").status_code == 403
+    assert member.get("/v1/budgets").status_code == 403
+    assert member.get("/v1/budgets/users/someone-else").status_code == 403
+    assert member.get("/v1/usage/all").status_code == 403
+    assert put_budget(admin, f"users/{user}", "-1").status_code == 400
+    assert put_budget(admin, f"users/{user}", "1", "week").status_code == 400
+    assert admin.get("/v1/budgets/users/nobody-has-this").status_code == 404
+    assert put_budget(admin, f"users/{user}", "1").status_code == 200
+    listed = admin.get("/v1/budgets?scope=user").get_json()["data"]
+    assert any(b["subject_id"] == user and b["limit_usd"] == 1 for b in listed)
+    assert admin._client.delete(f"/v1/budgets/users/{user}", headers=admin.headers).status_code == 204
+
+
+def test_usage_and_admin_aggregate_with_csv(dime_app, admin, make_client, token_mint, user: str) -> None:  # type: ignore[no-untyped-def]
+    member = make_client(dime_app, token_mint.mint(user))
+    assert member.post("/v1/chat/completions", json=dime_chat()).status_code == 200
+    own = member.get("/v1/usage").get_json()["data"]
+    assert [(r["model"], r["requests"], r["cost_usd"]) for r in own] == [("dime-gpt", 1, 0.1)]
+    exported = member.get("/v1/usage?format=csv")
+    assert exported.mimetype == "text/csv"
+    [row] = list(csv.DictReader(io.StringIO(exported.get_data(as_text=True))))
+    assert row["model"] == "dime-gpt" and row["requests"] == "1" and "user_id" not in row
+    everyone = list(csv.DictReader(io.StringIO(admin.get("/v1/usage/all?format=csv").get_data(as_text=True))))
+    assert any(r["user_id"] == user and r["model"] == "dime-gpt" for r in everyone)
+    assert any(r["user_id"] == user for r in admin.get("/v1/usage/all").get_json()["data"])
+    assert member.get("/v1/usage?format=xml").status_code == 400
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def ledger_db(request, postgres, tmp_path):  # type: ignore[no-untyped-def]
+    """A bare migrated database (PostgreSQL and SQLite) for the budget statements themselves."""
+    if request.param == "postgresql":
+        url = postgres.create_database("llm_budget_stmts")
+    else:
+        url = f"sqlite:///{tmp_path}/b.db"
+    upgrade(MIGRATIONS_DIR, url)
+    db = Database(url)
+    yield db
+    db.dispose()
+
+
+def test_a_new_period_starts_from_zero_inside_the_reserving_statement(ledger_db: Database) -> None:
+    day = datetime(2026, 3, 31, 23, 0, tzinfo=UTC)
+    with ledger_db.transaction() as session:
+        budget = budgets.put_budget(
+            session, scope=Scope.USER, subject_id="u", limit_usd=Decimal("1"), period=Period.DAY
+        )
+        budget.period_start, budget.spent_nusd = day.replace(hour=0), budgets.to_nano(Decimal("1"))
+    subjects = [("user", "u")]
+    with ledger_db.engine.begin() as connection, pytest.raises(BudgetExceeded):
+        budgets.reserve(connection, subjects=subjects, estimate_nusd=1, now=day)
+    next_day = day + timedelta(hours=2)
+    with ledger_db.engine.begin() as connection:
+        held = budgets.reserve(connection, subjects=subjects, estimate_nusd=400, now=next_day)
+        assert held is not None
+        budgets.settle(connection, held, cost_nusd=300, now=next_day)
+    with ledger_db.transaction() as session:
+        budget = budgets.get_budget(session, scope=Scope.USER, subject_id="u")
+        assert budget is not None
+        assert (budget.spent_nusd, budget.reserved_nusd) == (300, 0)
+        assert budget.period_start == datetime(2026, 4, 1, tzinfo=UTC)
+
+
+def test_who_has_a_budget_is_cached_until_invalidated(ledger_db: Database) -> None:
+    directory = budgets.BudgetDirectory(ledger_db.engine, ttl=3600)
+    assert directory.subjects_for("cached", "k") == ()
+    with ledger_db.transaction() as session:
+        budgets.put_budget(session, scope=Scope.KEY, subject_id="k", limit_usd=Decimal("1"), period=Period.TOTAL)
+    assert directory.subjects_for("cached", "k") == ()  # no round trip within the TTL
+    directory.invalidate()
+    assert directory.subjects_for("cached", "k") == (("key", "k"),)
+    assert budgets.BudgetDirectory(ledger_db.engine, ttl=0).subjects_for("a", None) == (("user", "a"),)

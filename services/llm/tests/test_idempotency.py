@@ -1,0 +1,93 @@
+"""Idempotency-Key on completions and messages (Flask test client, PostgreSQL, the real fake provider)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import urllib3
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(text: str = "hello there") -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+
+
+def upstream_chats(fake_provider: str) -> int:
+    stats = urllib3.PoolManager().request("GET", f"{fake_provider}/_fake/stats").json()
+    return stats["requests"].get("POST /v1/chat/completions", 0)
+
+
+def test_same_key_and_body_replays_without_a_second_charge(client: Any, rows, fake_provider: str) -> None:  # type: ignore[no-untyped-def]
+    before = upstream_chats(fake_provider)
+    first = client.post(CHAT, json=chat(), headers={"Idempotency-Key": "k-1"})
+    again = client.post(CHAT, json=chat(), headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
+    assert upstream_chats(fake_provider) - before == 1
+    assert len(rows()) == 1
+
+
+def test_same_key_other_body_is_409(client: Any, rows) -> None:  # type: ignore[no-untyped-def]
+    assert client.post(CHAT, json=chat("one"), headers={"Idempotency-Key": "k-2"}).status_code == 200
+    reused = client.post(CHAT, json=chat("two"), headers={"Idempotency-Key": "k-2"})
+    assert reused.status_code == 409 and reused.get_json()["error"]["code"] == "idempotency_key_reused"
+    assert len(rows()) == 1
+
+
+def test_keys_are_per_user(app, make_client, token_mint, client: Any, user: str) -> None:  # type: ignore[no-untyped-def]
+    assert client.post(CHAT, json=chat("mine"), headers={"Idempotency-Key": "shared"}).status_code == 200
+    other = make_client(app, token_mint.mint(f"{user}-other"))
+    answer = other.post(CHAT, json=chat("theirs"), headers={"Idempotency-Key": "shared"})
+    assert answer.status_code == 200 and "Idempotent-Replayed" not in answer.headers
+
+
+def test_a_failed_first_attempt_does_not_stick(client: Any, rows) -> None:  # type: ignore[no-untyped-def]
+    body = chat("x #fake:error=400")
+    assert client.post(CHAT, json=body, headers={"Idempotency-Key": "k-3"}).status_code == 400
+    assert client.post(CHAT, json=body, headers={"Idempotency-Key": "k-3"}).status_code == 400
+    assert [r["status"] for r in rows()] == ["error", "error"]  # ran twice, charged nothing
+
+
+def test_messages_are_idempotent_too(client: Any, rows) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    first = client.post("/v1/messages", json=body, headers={"Idempotency-Key": "m-1"})
+    again = client.post("/v1/messages", json=body, headers={"Idempotency-Key": "m-1"})
+    assert first.status_code == again.status_code == 200 and first.data == again.data
+    assert len(rows()) == 1
+
+
+def test_concurrent_duplicates_make_one_upstream_call(client: Any, rows, fake_provider: str) -> None:  # type: ignore[no-untyped-def]
+    before = upstream_chats(fake_provider)
+    body = chat("slow please #fake:latency_ms=300")
+    start = threading.Barrier(5, timeout=10)
+    answers: list[Any] = []
+
+    def call() -> None:
+        start.wait()
+        answers.append(client.post(CHAT, json=body, headers={"Idempotency-Key": "k-race"}))
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code for a in answers] == [200] * 5
+    assert len({a.data for a in answers}) == 1
+    assert upstream_chats(fake_provider) - before == 1
+    assert len(rows()) == 1
+
+
+def test_streams_and_overlong_keys(client: Any) -> None:  # type: ignore[no-untyped-def]
+    assert client.post(CHAT, json=chat(), headers={"Idempotency-Key": "x" * 256}).status_code == 400
+    streamed = client.post(CHAT, json=chat() | {"stream": True}, headers={"Idempotency-Key": "s-1"})
+    assert streamed.status_code == 200 and streamed.mimetype == "text/event-stream"
+
+
+@pytest.mark.parametrize("key", ["k-4"])
+def test_replay_survives_a_new_app(make_app, make_client, token_mint, user: str, key: str) -> None:  # type: ignore[no-untyped-def]
+    first = make_client(make_app(), token_mint.mint(user)).post(CHAT, json=chat(), headers={"Idempotency-Key": key})
+    second = make_client(make_app(), token_mint.mint(user)).post(CHAT, json=chat(), headers={"Idempotency-Key": key})
+    assert second.headers.get("Idempotent-Replayed") == "true" and second.data == first.data
