@@ -35,6 +35,8 @@ from parley_kit.testing import TokenMint
         ("/v1/models", Upstream.LLM, ErrorShape.OPENAI),
         ("/v1/models/gpt-4o", Upstream.LLM, ErrorShape.OPENAI),
         ("/v1/usage", Upstream.LLM, ErrorShape.OPENAI),
+        ("/v1/usage/all", Upstream.LLM, ErrorShape.OPENAI),
+        ("/v1/budgets/users/user_1", Upstream.LLM, ErrorShape.OPENAI),
         ("/v1/files", Upstream.JOBS, ErrorShape.OPENAI),
         ("/v1/files/file-1/content", Upstream.JOBS, ErrorShape.OPENAI),
         ("/v1/batches/batch_1/cancel", Upstream.JOBS, ErrorShape.OPENAI),

@@ -28,7 +28,7 @@ class Route:
     limited: bool = False
 
 
-LLM_PREFIXES = ("/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models", "/v1/usage")
+LLM_PREFIXES = ("/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models", "/v1/usage", "/v1/budgets")
 JOBS_PREFIXES = ("/v1/files", "/v1/batches")
 LIMITED_PREFIXES = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/embeddings"})
 # Auth endpoints only services may call: they answer 404 at the edge, as if they did not exist.
