@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from parley_kit.errors import ErrorShape
 from parley_llm import shape_for_path
 from parley_llm.catalog import CatalogError, load_catalog
-from parley_llm.relay import AnthropicStreamMeter, OpenAIStreamMeter, estimate_prompt_words
+from parley_llm.relay import (
+    AnthropicStreamMeter,
+    CallContext,
+    OpenAIStreamMeter,
+    RelayedStream,
+    estimate_prompt_words,
+)
 from parley_llm.settings import BUNDLED_MODELS_FILE, LlmSettings
 from parley_llm.telemetry import CallRecord
 from parley_llm.upstream import Upstreams
@@ -118,3 +125,39 @@ def test_settings_defaults() -> None:
     assert settings.database_url == "sqlite:///.run/llm.db"
     assert (settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout) == (3, 60, 600)
     assert "dev-fake-key" not in repr(settings)
+
+
+def _stream_parts() -> tuple[httpx2.Response, CallContext, OpenAIStreamMeter, list[CallRecord]]:
+    """A relayed stream over an in-memory upstream answer, and the settlements it makes."""
+    deployment = load_catalog(BUNDLED_MODELS_FILE).get("gpt-4o-mini")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "four words of prompt"}]}
+    ctx = CallContext(
+        request_id="req_1",
+        user_id="user_1",
+        key_id=None,
+        deployment=deployment,
+        operation="chat",
+        body=body,
+        started=0.0,
+    )
+    upstream = httpx2.Response(200, content=b'data: {"choices":[]}\n\ndata: [DONE]\n\n')
+    settled: list[CallRecord] = []
+    return upstream, ctx, OpenAIStreamMeter(ctx.new_record(streamed=True), client_wants_usage=False), settled
+
+
+def test_a_stream_closed_before_its_first_event_still_settles_once() -> None:
+    """A generator closed unstarted skips its `finally`: the relayed stream settles (cancelled) and closes anyway."""
+    upstream, ctx, meter, settled = _stream_parts()
+    stream = RelayedStream(upstream, ctx, meter, lambda _c, record, _t: settled.append(record), total_timeout=5)
+    stream.close()
+    assert [(r.status, r.input_tokens) for r in settled] == [("cancelled", 4)]
+    assert upstream.is_closed
+
+
+def test_a_relayed_stream_read_to_the_end_settles_once() -> None:
+    """The normal path settles exactly once, from the generator's own `finally`."""
+    upstream, ctx, meter, settled = _stream_parts()
+    stream = RelayedStream(upstream, ctx, meter, lambda _c, record, _t: settled.append(record), total_timeout=5)
+    list(stream)
+    stream.close()
+    assert len(settled) == 1

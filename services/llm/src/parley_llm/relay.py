@@ -307,7 +307,36 @@ def sse_events(response: httpx2.Response, deadline: float) -> Iterator[bytes]:
             raise TimeoutError("total timeout")
 
 
-def relay_stream(
+class RelayedStream:
+    """The WSGI body of a relayed stream. A generator closed before its first item never runs its `finally`, so a
+    client that leaves before the first event would leave the upstream open and the reservation unsettled: `close`
+    covers that case itself."""
+
+    def __init__(
+        self, response: httpx2.Response, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
+    ) -> None:
+        self._response, self._ctx, self._meter, self._settle = response, ctx, meter, settle
+        self._events = _relay(response, ctx, meter, settle, total_timeout=total_timeout)
+        self._started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._started = True
+        return self._events
+
+    def close(self) -> None:
+        """Close the stream; if no event was ever pulled, close the upstream and settle as cancelled here."""
+        if self._started:
+            self._events.close()
+            return
+        self._events.close()
+        self._response.close()
+        record = self._meter.record
+        record.status, record.error_type = "cancelled", "cancelled"
+        record.input_tokens = record.input_tokens or estimate_prompt_words(self._ctx.body)
+        self._settle(self._ctx, record, None)
+
+
+def _relay(
     response: httpx2.Response, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
 ) -> Iterator[bytes]:
     """Forward the upstream's events one by one; whatever ends the stream, close the upstream and settle once."""

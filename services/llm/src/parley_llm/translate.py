@@ -833,7 +833,7 @@ class Bridge:
         return orjson.dumps(openai_to_anthropic_response(data))
 
     def stream_meter(self, record: CallRecord, body: dict[str, Any], *, redact: Redact = str) -> Any:
-        """A meter for `relay.relay_stream` that charges in the upstream's terms and speaks the client's format."""
+        """A meter for `relay.RelayedStream` that charges in the upstream's terms and speaks the client's format."""
         if self.client is Provider.OPENAI:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return AnthropicToOpenAIStream(record, include_usage=include_usage, redact=redact)

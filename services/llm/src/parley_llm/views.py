@@ -138,7 +138,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         )
         meter = bridge.stream_meter(record, raw, redact=state.upstreams.redact)
         return stream_response(
-            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
     once = idempotency.idempotent(
@@ -179,7 +179,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         )
         meter = relay.OpenAIStreamMeter(record, client_wants_usage=bool(options.get("include_usage")))
         return stream_response(
-            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
     @bp.post("/embeddings", responses={200: ProviderAnswer})
@@ -223,7 +223,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         )
         meter = relay.AnthropicStreamMeter(record)
         return stream_response(
-            relay.relay_stream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
     @bp.get("/models", responses={200: ModelList})
