@@ -19,11 +19,19 @@ install: ## Create .venv with every service, the kit and the dev tools (from uv.
 		python3 -m pip install --quiet uv; }
 	@$(UV) sync --locked --quiet
 
-system-deps: ## Install the system tools the tests use (docker-compose for static compose checks)
+system-deps: ## Install the system tools the tests use (docker-compose, prometheus/promtool, nginx, wrk)
 	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
 		{ echo "Installing docker-compose (Debian) for static compose validation ..."; \
 		  (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || \
 		  echo "warning: could not install docker-compose"; }
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+		{ echo "Installing prometheus (Debian: promtool and the server for the live scrape test) ..."; \
+		  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || \
+		  echo "warning: could not install prometheus"; }
+	@command -v nginx >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || \
+		{ echo "Installing nginx-light and wrk (Debian: the benchmark's floor and load generator) ..."; \
+		  (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk >/dev/null) || \
+		  echo "warning: could not install nginx/wrk"; }
 
 run: install ## Run the whole platform locally (SQLite, local RabbitMQ, fake provider); Ctrl-C stops it
 	@$(PY) -m parley_platform

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
 import requests
+
 from parley_kit.testing import PostgresServer, free_port
 from parley_platform import Platform, PlatformConfig
 
@@ -34,12 +39,54 @@ class Client:
     key_id: str
 
 
+class LogCollector:
+    """Listens where Logstash would (tcp, json_lines) and keeps every record the platform's processes ship."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="log-collector", daemon=True).start()
+
+    def _accept(self) -> None:
+        """One reader thread per connection (each process holds one) until the server socket closes."""
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(connection,), daemon=True).start()
+
+    def _read(self, connection: socket.socket) -> None:
+        """Keep each JSON line; a line that is not JSON is kept as such, so a test can see it."""
+        with connection, connection.makefile("rb") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = {"unparsed": line.decode(errors="replace")}
+                with self._lock:
+                    self._records.append(record)
+
+    def records(self) -> list[dict[str, Any]]:
+        """A snapshot of everything received so far."""
+        with self._lock:
+            return list(self._records)
+
+    def close(self) -> None:
+        """Stop accepting (open connections end with their processes)."""
+        self._server.close()
+
+
 @dataclass
 class RunningPlatform:
     """The started platform and ways to reach it."""
 
     platform: Platform
     config: PlatformConfig
+    logs: LogCollector
+    worker_metrics_port: int
 
     @property
     def gateway(self) -> str:
@@ -82,6 +129,10 @@ def platform(
 ) -> Iterator[RunningPlatform]:
     """auth, llm, jobs (API + worker), gateway and the fake provider, each its own process."""
     run_dir = tmp_path_factory.mktemp("platform")
+    # Every process ships its ECS records to this collector, as they would to Logstash (tests/integration/
+    # test_observability.py reads them); the worker serves its metrics on a port of its own.
+    logs = LogCollector()
+    worker_metrics_port = free_port()
     config = PlatformConfig(
         run_dir=run_dir,
         environment="test",
@@ -92,14 +143,17 @@ def platform(
         redis_prefix=redis_prefix,
         secrets={name: secrets.token_urlsafe(32) for name in ("gateway", "jobs", "pepper", "provider")},
         ports={name: free_port() for name in ("gateway", "auth", "llm", "jobs", "fakeprovider")},
+        logstash=("127.0.0.1", logs.port),
+        extra_env={"jobs-worker": {"JOBS_WORKER_METRICS_PORT": str(worker_metrics_port)}},
     )
     platform = Platform(config)
     platform.migrate()
     platform.start()
     try:
-        yield RunningPlatform(platform, config)
+        yield RunningPlatform(platform, config, logs, worker_metrics_port)
     finally:
         platform.stop()
+        logs.close()
         _delete_broker_names(amqp_url, amqp_prefix)
 
 
