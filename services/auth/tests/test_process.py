@@ -29,8 +29,9 @@ from sqlalchemy.orm import Session
 
 from parley_auth.models import SigningKey
 from parley_kit.errors import Unauthorized
-from parley_kit.testing import ServiceProcess, free_port, python_module
+from parley_kit.testing import free_port, python_module
 from parley_kit.tokens import TokenVerifier
+from parley_platform import start_service
 
 pytestmark = pytest.mark.integration
 
@@ -77,24 +78,7 @@ def running_auth(postgres: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "AUTH_API_KEY_PEPPER_SECRET": "process-test-pepper-0123456789",
         "PARLEY_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F",
     }
-    migrate = subprocess.run(
-        python_module("parley_auth", "migrate"),
-        env={**os.environ, **env},
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert migrate.returncode == 0, migrate.stderr
-    process = ServiceProcess(
-        "auth",
-        python_module("parley_auth", "serve"),
-        env=env,
-        log_dir=workdir,
-        cwd=workdir,
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    )
-    process.start()
+    process = start_service("auth", env, port=port, log_dir=workdir)
     try:
         yield RunningAuth(f"http://127.0.0.1:{port}", db_url, env, workdir)
     finally:

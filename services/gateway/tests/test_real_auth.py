@@ -4,9 +4,7 @@ database and the real RabbitMQ, with the gateway app in process in front of the 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +17,8 @@ import pytest
 import requests
 
 from parley_gateway import GatewaySettings, create_app
-from parley_kit.testing import PostgresServer, ServiceProcess, free_port, python_module
+from parley_kit.testing import PostgresServer, free_port
+from parley_platform import start_service
 
 pytestmark = pytest.mark.integration
 
@@ -56,23 +55,7 @@ def real_auth(
         "AUTH_SERVICE_CLIENTS": json.dumps({"gateway": gateway_secret}),
         "AUTH_API_KEY_PEPPER_SECRET": secrets.token_urlsafe(24),
     }
-    migrate = subprocess.run(
-        python_module("parley_auth", "migrate"),
-        env={**os.environ, **env},
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert migrate.returncode == 0, migrate.stderr
-    process = ServiceProcess(
-        "auth",
-        python_module("parley_auth", "serve"),
-        env=env,
-        log_dir=workdir,
-        cwd=workdir,
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    ).start()
+    process = start_service("auth", env, port=port, log_dir=workdir)
     try:
         yield RealAuth(f"http://127.0.0.1:{port}", gateway_secret, prefix)
     finally:

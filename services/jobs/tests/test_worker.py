@@ -6,7 +6,6 @@ auth calls (token caching) and seeing the headers the worker sends to llm (`Auth
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from parley_kit.errors import ServiceUnavailable, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
 from parley_kit.testing import ServiceProcess, free_port, python_module
+from parley_platform import start_service
 
 from .conftest import chat_line, jsonl
 
@@ -86,24 +86,7 @@ def real_auth(
         "PARLEY_AMQP_URL": amqp_url,
         "PARLEY_AMQP_PREFIX": f"{amqp_prefix}.{uuid.uuid4().hex[:6]}",
     }
-    process = ServiceProcess(
-        "auth",
-        python_module("parley_auth", "serve"),
-        env=env,
-        log_dir=workdir,
-        cwd=workdir,
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    )
-    migrate = subprocess.run(
-        python_module("parley_auth", "migrate"),
-        env=process.env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert migrate.returncode == 0, migrate.stderr
-    process.start()
+    process = start_service("auth", env, port=port, log_dir=workdir)
     yield RealAuth(f"http://127.0.0.1:{port}")
     process.stop()
 

@@ -170,3 +170,29 @@ class Platform:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def start_service(name: str, env: dict[str, str], *, port: int, log_dir: Path, timeout: float = 90.0) -> ServiceProcess:
+    """One service on its own, migrated then served and ready: for tests that need a real peer (auth, say) without
+    the whole platform. `env` must bind it to `port` (e.g. AUTH_BIND) and name its database."""
+    process = ServiceProcess(
+        name,
+        python_module(f"parley_{name}", "serve"),
+        env=env,
+        log_dir=log_dir,
+        cwd=log_dir,
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    )
+    if name in SERVICES_WITH_DATABASES:
+        migrated = subprocess.run(
+            python_module(f"parley_{name}", "migrate"),
+            env=process.env,
+            cwd=log_dir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"{name} migrations failed:\n{migrated.stdout}\n{migrated.stderr}")
+    return process.start(timeout)
