@@ -277,6 +277,12 @@ def test_every_dashboard_query_returns_data(prometheus: Prometheus, traffic: Non
             pending.append((uid, title, sorted(waiting_for)))
         elif not prometheus.has_data(expr):
             empty.append(f"{uid} / {title}: {expr}")
+    # A rate needs two scrapes of a series inside its window; on a loaded machine a scrape can come late: give the
+    # missing ones a bounded while before calling them empty.
+    deadline = time.monotonic() + 60
+    while empty and time.monotonic() < deadline:
+        time.sleep(1)
+        empty = [item for item in empty if not prometheus.has_data(item.split(": ", 1)[1])]
     assert not empty, "queries without data:\n" + "\n".join(empty + prometheus.scrape_health())
     assert not arrived, "now returning data, remove from NOT_EXERCISED:\n" + "\n".join(arrived)
     assert {name for *_, names in pending for name in names} <= set(PENDING) | set(NOT_EXERCISED)
@@ -394,13 +400,6 @@ def user_id_of(client: Client) -> str:
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="llm writes its per-call ECS line (parley_llm.calls) after the request's trace context is cleared (the "
-    "streamed body is consumed after the request teardown, it seems), so the line has no trace.id. Strict: remove the "
-    "mark once it does.",
-)
 def test_llm_call_line_carries_the_trace(platform: RunningPlatform, client: Client) -> None:
     """llm's one line per upstream call (model, tokens, cost) is in the request's trace like its access line."""
     response = requests.post(

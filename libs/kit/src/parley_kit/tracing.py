@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -48,6 +50,16 @@ def start(traceparent: str | None = None, request_id: str | None = None) -> Trac
 def current() -> TraceContext | None:
     """The trace context of the work in progress, if any."""
     return _current.get()
+
+
+@contextmanager
+def use(context: TraceContext | None) -> Iterator[None]:
+    """Run a block under a captured context: work that outlives its request (close callbacks, other threads)."""
+    token = _current.set(context)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def clear() -> None:

@@ -116,7 +116,13 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         def settle(record: CallRecord) -> None:
             @after_this_request
             def _on_close(response: Response) -> Response:
-                response.call_on_close(lambda: state.ledger.settle(ctx, record))
+                context = tracing.current()  # the close callback runs after the request's trace is cleared
+
+                def settle_in_trace() -> None:
+                    with tracing.use(context):
+                        state.ledger.settle(ctx, record)
+
+                response.call_on_close(settle_in_trace)
                 return response
 
         return settle
