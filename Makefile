@@ -9,7 +9,7 @@ PY := .venv/bin/python
 SERVICES := auth llm jobs gateway
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps run test test-unit test-integration bench bench-smoke lint fmt clean
+.PHONY: help install system-deps run test test-unit test-observability test-integration bench bench-smoke lint fmt clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ test: install system-deps ## Run every test: unit, service, integration (real Po
 
 test-unit: install ## Only the fast tests (no integration tier)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-observability: install system-deps ## The live Prometheus checks (every target scraped, every dashboard query answered)
+	@PARLEY_LIVE_PROMETHEUS=1 $(PY) -m pytest tests/integration/test_observability.py $(PYTEST_ARGS)
 
 test-integration: install ## Only tests/integration (the whole platform as real processes)
 	@$(PY) -m pytest tests/integration $(PYTEST_ARGS)

@@ -65,7 +65,8 @@ class PostgresServer:
         from sqlalchemy import create_engine, text
         from sqlalchemy.engine import make_url
 
-        database = f"parley_{RUN_ID}_{name}"[:63]
+        # Unique per call: two suites asking for "jobs" in one run must not drop each other's database.
+        database = f"parley_{RUN_ID}_{len(self.created)}_{name}"[:63]
         engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{database}"'))

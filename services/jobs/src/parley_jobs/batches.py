@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from parley_kit import tracing
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, Conflict, NotFound
 from parley_kit.ids import new_id
@@ -126,6 +127,7 @@ def create_batch(
         in_progress_at=now,
         expires_at=now + timedelta(seconds=window_seconds),
         idempotency_key=idempotency_key,
+        traceparent=tracing.outbound_headers().get("traceparent"),
         request_hash=body_hash if idempotency_key is not None else None,
     )
     try:
@@ -376,6 +378,19 @@ def expire_due(session: Session, *, now: datetime) -> list[str]:
         session.flush()
         expired.append(batch_id)
     return expired
+
+
+def traceparents(session: Session, item_ids: list[str]) -> dict[str, str | None]:
+    """item id → the traceparent of the request that created its batch."""
+    traces: dict[str, str | None] = {}
+    for start in range(0, len(item_ids), INSERT_CHUNK):
+        query = (
+            select(BatchItem.id, Batch.traceparent)
+            .join(Batch, Batch.id == BatchItem.batch_id)
+            .where(BatchItem.id.in_(item_ids[start : start + INSERT_CHUNK]))
+        )
+        traces.update({item_id: trace for item_id, trace in session.execute(query)})
+    return traces
 
 
 def schedule(session: Session, *, window: int, now: datetime) -> list[str]:

@@ -95,6 +95,8 @@ class Batch(Base):
     # `Idempotency-Key` of the creating request and a hash of its body: a retry gets the same batch back.
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The creating request's W3C traceparent: its items are published (and so run) in the same trace.
+    traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BatchItem(Base):

@@ -19,6 +19,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
 
+from parley_kit import tracing
 from parley_kit.amqp import Publisher, connection_parameters, declare_work_queue
 from parley_kit.db import Database, utcnow
 
@@ -127,8 +128,13 @@ class Relay:
                     log.warning("unknown outbox event type; marking it published", extra={"event.type": event.type})
                 outbox.mark_published(session, event_id=event.id)
             item_ids = batches.schedule(session, window=self._window, now=utcnow())
-            for item_id in item_ids:
-                self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
+            trace_of = batches.traceparents(session, item_ids) if item_ids else {}
+            try:
+                for item_id in item_ids:
+                    tracing.start(trace_of.get(item_id))  # the item runs in the trace of the request that made it
+                    self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
+            finally:
+                tracing.clear()
         if item_ids:
             log.info("batch items queued", extra={"batch.items_queued": len(item_ids)})
         return len(events)
