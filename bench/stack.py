@@ -14,13 +14,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pika
 import redis
 import requests
 
 from parley_kit.processes import ServiceProcess, free_port
 from parley_kit.testing import PostgresServer
-from parley_platform import Platform, PlatformConfig
+from parley_platform import Platform, PlatformConfig, delete_broker_names
 
 # A real chat.completion body (the fake provider's answer, frozen), so llm parses usage exactly as from a provider.
 STATIC_COMPLETION = {
@@ -211,7 +210,7 @@ class Stack:
         with contextlib.suppress(Exception):
             self.postgres.drop_all()
         with contextlib.suppress(Exception):
-            delete_broker_names(self.backing.amqp_url, self.amqp_prefix)
+            delete_broker_names(self.backing.amqp_url, self.amqp_prefix, extra_queues=("bench.raw",))
         with contextlib.suppress(Exception):
             client = redis.Redis.from_url(self.backing.redis_url)
             for key in client.scan_iter(f"{self.redis_prefix}*"):
@@ -293,20 +292,6 @@ def _parents() -> dict[int, int]:
                 stat = (entry / "stat").read_text()
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
     return parents
-
-
-def delete_broker_names(amqp_url: str, prefix: str) -> None:
-    """Remove the queues and exchanges this run's services declared (the names in docs/design.md)."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        for queue in (f"{prefix}.jobs.items", f"{prefix}.jobs.items.dead", f"{prefix}.bench.raw"):
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().queue_delete(queue)
-        for exchange in (f"{prefix}.events", f"{prefix}.jobs.dlx"):
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().exchange_delete(exchange)
-    finally:
-        connection.close()
 
 
 def run_quiet(argv: list[str]) -> str:

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 import requests
 
 from parley_kit.testing import PostgresServer, free_port
-from parley_platform import Platform, PlatformConfig
+from parley_platform import Platform, PlatformConfig, delete_broker_names
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -163,28 +162,10 @@ def platform(
     finally:
         platform.stop()
         logs.close()
-        _delete_broker_names(amqp_url, amqp_prefix)
+        delete_broker_names(amqp_url, amqp_prefix)
 
 
 @pytest.fixture
 def client(platform: RunningPlatform) -> Client:
     """A fresh user with an API key."""
     return platform.new_client()
-
-
-def _delete_broker_names(amqp_url: str, prefix: str) -> None:
-    """Remove this run's queues and exchanges (the names the services declare)."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    for queue in (f"{prefix}.jobs.items", f"{prefix}.jobs.items.dead"):
-        channel = connection.channel()
-        try:
-            channel.queue_delete(queue)
-        except pika.exceptions.ChannelClosedByBroker:
-            pass
-    for exchange in (f"{prefix}.events", f"{prefix}.jobs.dlx"):
-        channel = connection.channel()
-        try:
-            channel.exchange_delete(exchange)
-        except pika.exceptions.ChannelClosedByBroker:
-            pass
-    connection.close()

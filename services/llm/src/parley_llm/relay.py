@@ -195,14 +195,17 @@ class StreamMeter:
         raise NotImplementedError
 
 
-def _data(event: bytes) -> bytes | None:
-    """The `data:` payload of an SSE event (single-line data, as both providers send)."""
+def sse_data(event: bytes) -> bytes | None:
+    """The `data:` payload of an SSE event, multi-line data joined; the single line both providers send is the
+    fast path (it runs for every chunk of every stream)."""
     start = event.find(b"data:")
     if start < 0:
         return None
-    end = event.find(b"\n", start)
-    payload = event[start + 5 : end if end >= 0 else len(event)]
-    return payload[1:] if payload.startswith(b" ") else payload
+    if event.find(b"\ndata:", start) < 0:
+        end = event.find(b"\n", start)
+        payload = event[start + 5 : end if end >= 0 else len(event)]
+        return payload[1:] if payload.startswith(b" ") else payload
+    return b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
 
 
 class OpenAIStreamMeter(StreamMeter):
@@ -214,7 +217,7 @@ class OpenAIStreamMeter(StreamMeter):
 
     def handle(self, event: bytes) -> bytes | None:
         """Forward the chunk unless it is the usage chunk the client did not ask for."""
-        payload = _data(event)
+        payload = sse_data(event)
         if payload is None:
             return event
         if payload.startswith(b"[DONE]"):
@@ -256,7 +259,7 @@ class AnthropicStreamMeter(StreamMeter):
 
     def handle(self, event: bytes) -> bytes | None:
         """Every event is forwarded unchanged; only its usage is read."""
-        payload = _data(event)
+        payload = sse_data(event)
         if payload is None:
             return event
         try:

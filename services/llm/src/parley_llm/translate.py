@@ -18,7 +18,7 @@ import orjson
 from parley_kit.errors import BadRequest, UpstreamError
 
 from .catalog import Provider
-from .relay import AnthropicStreamMeter, OpenAIStreamMeter, StreamMeter, estimate_prompt_words
+from .relay import AnthropicStreamMeter, OpenAIStreamMeter, StreamMeter, estimate_prompt_words, sse_data
 from .telemetry import CallRecord
 
 # Where each family's chat endpoint lives below its SDK base URL.
@@ -546,10 +546,9 @@ _DONE = object()
 
 def _event_data(event: bytes) -> Any:
     """The parsed `data:` of one SSE event (lines joined), `_DONE` for OpenAI's terminator, None if unreadable."""
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    if not lines:
+    payload = sse_data(event)
+    if payload is None:
         return None
-    payload = b"\n".join(lines)
     if payload.startswith(b"[DONE]"):
         return _DONE
     try:

@@ -1,5 +1,5 @@
 """Starts the whole Parley platform as local processes (`make run`, integration tests, benchmarks)."""
 
-from .launch import Platform, PlatformConfig, start_service
+from .launch import Platform, PlatformConfig, delete_broker_names, start_service
 
-__all__ = ["Platform", "PlatformConfig", "start_service"]
+__all__ = ["Platform", "PlatformConfig", "delete_broker_names", "start_service"]

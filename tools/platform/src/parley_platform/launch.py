@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pika
 
 from parley_kit.processes import ServiceProcess, python_module
 
@@ -196,3 +199,22 @@ def start_service(name: str, env: dict[str, str], *, port: int, log_dir: Path, t
         if migrated.returncode != 0:
             raise RuntimeError(f"{name} migrations failed:\n{migrated.stdout}\n{migrated.stderr}")
     return process.start(timeout)
+
+
+# Every queue and exchange the platform's services declare under the AMQP prefix (docs/design.md).
+PLATFORM_QUEUES = ("jobs.items", "jobs.items.dead")
+PLATFORM_EXCHANGES = ("events", "jobs.dlx")
+
+
+def delete_broker_names(amqp_url: str, prefix: str, *, extra_queues: tuple[str, ...] = ()) -> None:
+    """Remove the queues and exchanges a run under `prefix` declared, so runs never leave names behind."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        for queue in (*PLATFORM_QUEUES, *extra_queues):
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().queue_delete(f"{prefix}.{queue}")
+        for exchange in PLATFORM_EXCHANGES:
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().exchange_delete(f"{prefix}.{exchange}")
+    finally:
+        connection.close()
