@@ -179,6 +179,41 @@ def test_failing_handler_is_redelivered_then_dead_lettered(amqp_url: str, names:
     assert amqp.decode(body, properties, False).id == message_id
 
 
+def test_failed_messages_are_requeued_after_a_growing_wait(amqp_url: str, names: Names, admin: BlockingChannel) -> None:
+    """retry_backoff=0.3: the redeliveries come at least 0.3 s and then 0.6 s after the failures before them (the
+    code's own minimum, not a speed claim), and a stop during a wait ends it at once."""
+    seen: list[float] = []
+
+    def fail(_message: amqp.Message) -> None:
+        seen.append(time.monotonic())
+        raise RuntimeError("transient failure")
+
+    consumer = amqp.Consumer(
+        amqp_url, Recorder(fail), declare=declarer(names, delivery_limit=2), name="kit-test", retry_backoff=0.3
+    )
+    publisher = amqp.Publisher(amqp_url, declare=declarer(names, delivery_limit=2))
+    with running(consumer):
+        publisher.publish(names.exchange, "item", "item.poison", {"n": 1})
+        assert wait_for(lambda: count(admin, names.dead_letter_queue) == 1)
+    publisher.close()
+    assert len(seen) == 3
+    assert seen[1] - seen[0] >= 0.3 and seen[2] - seen[1] >= 0.6
+
+    slow = amqp.Consumer(
+        amqp_url, Recorder(fail), declare=declarer(names, delivery_limit=2), name="kit-test", retry_backoff=60
+    )
+    publisher = amqp.Publisher(amqp_url, declare=declarer(names, delivery_limit=2))
+    thread = slow.start_in_thread()
+    assert slow.connected.wait(10)
+    before = len(seen)
+    publisher.publish(names.exchange, "item", "item.poison", {"n": 2})
+    assert wait_for(lambda: len(seen) > before)  # failed once: now waiting 60 s before the requeue
+    slow.stop()
+    thread.join(10)
+    publisher.close()
+    assert not thread.is_alive()  # the stop cut the wait short; the message is requeued by the broker
+
+
 def test_reject_goes_to_the_dead_letter_queue_at_once(amqp_url: str, names: Names, admin: BlockingChannel) -> None:
     def reject(_message: amqp.Message) -> None:
         raise amqp.Reject("can never succeed")

@@ -190,6 +190,9 @@ class Reject(Exception):
     """Raised by a handler for a message that can never succeed: it is dead-lettered at once, not retried."""
 
 
+RETRY_BACKOFF_CAP = 10.0
+
+
 class Consumer:
     """Consumes one queue with prefetch; handlers run on a thread pool and are acked only after they return.
 
@@ -207,9 +210,13 @@ class Consumer:
         queue: str | None = None,
         prefetch: int = 8,
         name: str = "consumer",
+        retry_backoff: float = 0.0,
     ) -> None:
         self._params = connection_parameters(url)
         self._handler = handler
+        # A failed message waits retry_backoff x 2^(redeliveries so far), at most RETRY_BACKOFF_CAP s, before it is
+        # requeued: a short outage of what the handler needs must not burn the delivery limit in milliseconds.
+        self._retry_backoff = retry_backoff
         self._declare = declare
         self._queue = queue
         self._prefetch = prefetch
@@ -276,6 +283,12 @@ class Consumer:
                 except AMQPError:
                     pass
 
+    def _retry_delay(self, redeliveries: int) -> float:
+        """Seconds to wait before requeueing a message that failed after `redeliveries` earlier deliveries."""
+        if self._retry_backoff <= 0:
+            return 0.0
+        return min(RETRY_BACKOFF_CAP, self._retry_backoff * 2 ** min(redeliveries, 16))
+
     def _handle(
         self,
         connection: pika.BlockingConnection,
@@ -286,6 +299,7 @@ class Consumer:
         redelivered: bool,
     ) -> None:
         settle: Callable[[], None]
+        message: Message | None = None
         try:
             try:
                 message = decode(body, properties, redelivered)
@@ -301,7 +315,9 @@ class Consumer:
             )
             settle = lambda: channel.basic_reject(tag, requeue=False)  # noqa: E731
         except Exception:
-            log.exception("message handler failed; requeued", extra={"consumer": self._name})
+            delay = self._retry_delay(message.delivery_count if message is not None else 0)
+            log.exception("message handler failed; requeued", extra={"consumer": self._name, "retry_in_s": delay})
+            self._stop.wait(delay)  # holds a prefetch slot, not the thread pool's others; a stop cuts it short
             settle = lambda: channel.basic_nack(tag, requeue=True)  # noqa: E731
         finally:
             tracing.clear()

@@ -5,18 +5,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flask import Response, g, request
+from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
 from pydantic import BaseModel, ValidationError
 
 from . import errors, health, logs, metrics, tracing
 from .errors import ErrorShape
+from .openapi import ServiceOpenAPI
 from .settings import ServiceSettings
 
 access_log = logging.getLogger("parley.access")
 
 BEARER_SCHEME = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+
+
+class JsonProvider(DefaultJSONProvider):
+    """Flask's JSON, except that a body nested too deeply for the parser is a malformed body (400), not a crash:
+    Flask turns only ValueError into a client error, and `json` raises RecursionError past ~1,000 levels."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        """Parse, with runaway nesting reported as invalid JSON."""
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError as exc:
+            raise ValueError("the JSON body is nested too deeply") from exc
 
 
 def create_service_app(
@@ -39,13 +54,15 @@ def create_service_app(
     def on_validation_error(exc: ValidationError) -> Response:
         return errors.error_response(shape_for_path(request.path), errors.validation_error(exc))
 
-    app = OpenAPI(
+    app = ServiceOpenAPI(
         import_name,
+        shape_for_path=shape_for_path,
         info=Info(title=title, version=settings.version),
         security_schemes=BEARER_SCHEME,
         validation_error_status=400,
         validation_error_callback=on_validation_error,
     )
+    app.json = JsonProvider(app)
     app.config["PARLEY_SETTINGS"] = settings
     register_request_context(app)
     errors.register_error_handlers(app, shape_for_path)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import DateTime, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+from .errors import database_connection_lost
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -18,6 +22,9 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -43,6 +50,20 @@ class UTCDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=UTC)
         # PostgreSQL answers in the session's time zone, which a server or role setting may make non-UTC.
         return value.astimezone(UTC)
+
+
+def retry_lost_connection(write: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run `write` (a whole transaction), again on a fresh connection when the database dropped the one it had (a
+    restart, a killed backend): for writes that must not be lost and are safe to repeat. Other errors, and the last
+    attempt's, are raised."""
+    for attempt in range(1, attempts):
+        try:
+            return write()
+        except Exception as exc:
+            if not database_connection_lost(exc):
+                raise
+            log.warning("database connection lost; retrying the write", extra={"attempt": attempt})
+    return write()
 
 
 def make_metadata() -> MetaData:

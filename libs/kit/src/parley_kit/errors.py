@@ -202,6 +202,15 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
     def _validation(error: ValidationError) -> Response:
         return render(validation_error(error))
 
+    from sqlalchemy.exc import DataError
+
+    @app.errorhandler(DataError)
+    def _refused_value(error: DataError) -> Response:
+        # A value the database cannot hold (PostgreSQL text cannot carry NUL, numbers and dates have ranges) comes
+        # from the request: the transaction rolled back, and the client gets a 400, not a 500 that reads as our bug.
+        log.warning("database refused a value", extra={"url.path": request.path, "error.type": type(error).__name__})
+        return render(BadRequest("a value in the request cannot be stored (text must not contain NUL characters)"))
+
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException) -> Response:
         mapped = ParleyError(error.description if (error.code or 500) < 500 else None)
@@ -215,5 +224,17 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if database_connection_lost(error):
+            extra = {"url.path": request.path, "error.type": type(error).__name__}
+            log.warning("database connection lost", extra=extra)
+            return render(ServiceUnavailable("database unavailable, retry shortly", headers={"Retry-After": "1"}))
         log.exception("unhandled error", extra={"url.path": request.path})
         return render(ParleyError())
+
+
+def database_connection_lost(error: BaseException) -> bool:
+    """Whether the database dropped the connection under a request (restart, failover, pg_terminate_backend): the
+    transaction rolled back, so the client may retry; a 503, not a 500 that reads as our bug."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    return isinstance(error, DisconnectionError) or (isinstance(error, DBAPIError) and error.connection_invalidated)

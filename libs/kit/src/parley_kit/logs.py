@@ -83,10 +83,12 @@ class _TraceCapturingQueueHandler(logging.handlers.QueueHandler):
             pass  # the default would print a traceback to stderr for every record dropped
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        """Attach the caller's trace ids; the listener thread has no context of its own."""
+        """Attach the caller's trace context (the same three fields stdout gets); the listener thread has none."""
         context = tracing.current()
         if context is not None and "trace.id" not in vars(record):
-            record.__dict__.update({"trace.id": context.trace_id, "span.id": context.span_id})
+            record.__dict__.update(
+                {"trace.id": context.trace_id, "span.id": context.span_id, "http.request.id": context.request_id}
+            )
         return record
 
 

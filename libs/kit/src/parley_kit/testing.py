@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import socketserver
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -113,6 +117,69 @@ def postgres() -> Iterator[PostgresServer]:
     server.drop_all()
     if container is not None:
         container.stop()
+
+
+class LoopbackServer:
+    """A TCP server of a test's own on a free loopback port: each connection is given to `handle` on a daemon thread
+    of its own (socketserver's threading server), and closed when `handle` returns. For the stand-ins a test listens
+    with: a Logstash collector, a misbehaving upstream, an SSRF canary."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], *, name: str) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                handle(self.request)
+
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        server.daemon_threads = True  # a handler that hangs on purpose must not hold up the end of the test run
+        server.block_on_close = False
+        server.allow_reuse_address = True
+        server.server_bind()
+        server.server_activate()
+        self._server = server
+        self.port: int = server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting (connections already open go on until their handlers return)."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def eventually(condition: Any, seconds: float = 30.0, step: float = 0.1) -> bool:
+    """Poll `condition` until it holds (True) or `seconds` pass (False): for what travels asynchronously (events,
+    shipped logs, restarts), without asserting how long it took."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+@contextlib.contextmanager
+def backend_killed_at(engine: Any, statement_prefix: str) -> Iterator[list[int]]:
+    """The first statement of `engine` starting with `statement_prefix` runs on a connection PostgreSQL has just
+    terminated (pg_terminate_backend from another session, as a restart or an operator would): what a lost connection
+    mid-request looks like. Yields the killed backend pids (empty if the statement never ran)."""
+    from sqlalchemy import create_engine, event, text
+
+    admin = create_engine(engine.url, pool_size=1, max_overflow=0)
+    killed: list[int] = []
+
+    def kill(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith(statement_prefix) and not killed:
+            pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            killed.append(pid)
+
+    event.listen(engine, "before_cursor_execute", kill)
+    try:
+        yield killed
+    finally:
+        event.remove(engine, "before_cursor_execute", kill)
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
