@@ -15,6 +15,7 @@ from parley_gateway.ratelimit import (
     DefaultLimits,
     LocalRateLimiter,
     Principal,
+    RedisRateLimiter,
     Scope,
     UsageMeter,
     duration,
@@ -311,3 +312,17 @@ def test_limits_need_redis_outside_development() -> None:
         ).redis_url
         is None
     )
+
+
+def test_more_checks_in_flight_than_redis_connections_all_get_an_answer(redis_url: str, redis_prefix: str) -> None:
+    """64 concurrent checks over a pool of 4 connections: each waits for a connection and is admitted. A pool that
+    raised "too many connections" instead would read as Redis being down and refuse them all with 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limiter = RedisRateLimiter(redis_url, prefix=redis_prefix, timeout=1.0, failure_mode="closed", pool_size=4)
+    scopes = (Scope("key", f"pool-{uuid.uuid4().hex}", 1000, 0),)
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        decisions = list(pool.map(lambda _: limiter.admit(scopes), range(64)))
+    assert len(decisions) == 64
+    remaining = sorted(int(dict(d.headers)["x-ratelimit-remaining-requests"]) for d in decisions)
+    assert remaining == list(range(1000 - 64, 1000))  # each one counted exactly once

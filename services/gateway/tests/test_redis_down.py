@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,12 +17,17 @@ import pytest
 import redis
 import urllib3
 
-from parley_kit.testing import ServiceProcess, TokenMint, free_port, python_module
+from parley_kit.testing import ServiceProcess, TokenMint, eventually, free_port, python_module, unavailable
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    """These tests start and stop a redis-server of their own: missing, a skip locally and a failure in CI."""
+    if shutil.which("redis-server") is None:
+        unavailable("a redis-server of the test's own", "redis-server is not installed")
+
 
 CHAT = "/v1/chat/completions"
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi #fake:tokens=1"}]}'
@@ -110,16 +115,6 @@ def degraded(gateway: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll `condition` until it holds or the deadline passes."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_redis_down_is_503_and_degraded_then_recovers(
     gateway_on_own_redis: str, own_redis: OwnRedis, token_mint: TokenMint
 ) -> None:
@@ -144,4 +139,4 @@ def test_redis_down_is_503_and_degraded_then_recovers(
 
     own_redis.start()
     # every worker must see Redis again for the gauge (the max over live workers) to drop
-    assert until(lambda: post().status == 200 and degraded(gateway_on_own_redis) == 0.0, 15)
+    assert eventually(lambda: post().status == 200 and degraded(gateway_on_own_redis) == 0.0, 15)

@@ -286,6 +286,20 @@ def test_user_revocation_refuses_older_jwts(token_mint: TokenMint) -> None:
     assert not users.refuses("u1", fresh)
 
 
+def test_a_disable_refuses_tokens_of_its_own_second_a_password_change_does_not(token_mint: TokenMint) -> None:
+    """`iat` counts whole seconds: a token from the second of a disable may predate it (nobody gets a token after
+    one), while after a password change the user's fresh login in that same second must keep working."""
+    at = int(time.time()) - 10 + 0.6  # 0.6 s into a second, ten seconds ago
+    same_second = token_mint.mint("u1", iat=int(at))
+    earlier = token_mint.mint("u1", iat=int(at) - 1)
+    disabled, changed = UserRevocations(), UserRevocations()
+    disabled.revoke("u1", at, whole_second=True)
+    changed.revoke("u1", at)
+    assert disabled.refuses("u1", same_second) and disabled.refuses("u1", earlier)
+    assert changed.refuses("u1", earlier) and not changed.refuses("u1", same_second)
+    assert not disabled.refuses("u1", token_mint.mint("u1", iat=int(at) + 1))
+
+
 def test_read_body_limits() -> None:
     """Over the limit: 413 without reading; a lying or invalid Content-Length: 400; no body: None."""
     env = {"CONTENT_LENGTH": "11", "wsgi.input": io.BytesIO(b"hello world")}

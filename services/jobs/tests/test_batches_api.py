@@ -82,7 +82,7 @@ def test_batch_rows_commit_together_or_not_at_all(db: Database, client: FlaskCli
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "16"),
         ({"metadata": {"k" * 65: "v"}}, 400, "64"),
         ({"metadata": {"k": "v" * 513}}, 400, "512"),
-        ({"input_file_id": "file-nope"}, 404, "file-nope"),
+        ({"input_file_id": "file-nope"}, 404, "No such File object"),  # the id is not echoed back
         ({"surprise": 1}, 400, "surprise"),
     ],
 )
@@ -144,7 +144,7 @@ def test_batches_page_newest_first(client: FlaskClient, make_batch: Callable, au
 def test_batches_are_visible_only_to_their_owner(client: FlaskClient, make_batch: Callable, auth: Callable) -> None:
     batch_id = make_batch(2, user="alice")["id"]
     bob = auth("bob")
-    assert_openai_error(client.get(f"/v1/batches/{batch_id}", headers=bob), 404, says=batch_id)
+    assert_openai_error(client.get(f"/v1/batches/{batch_id}", headers=bob), 404, says="No such Batch object")
     assert_openai_error(client.post(f"/v1/batches/{batch_id}/cancel", headers=bob), 404)
     assert client.get("/v1/batches", headers=bob).json["data"] == []
     assert_openai_error(client.get(f"/v1/batches?after={batch_id}", headers=bob), 400)

@@ -111,7 +111,7 @@ def test_deleted_files_are_gone(client: FlaskClient, upload: Callable, auth: Cal
     response = client.delete(f"/v1/files/{file_id}", headers=auth())
     assert response.status_code == 200 and response.json == {"id": file_id, "object": "file", "deleted": True}
     for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"):
-        assert_openai_error(client.get(path, headers=auth()), 404, says=file_id)
+        assert_openai_error(client.get(path, headers=auth()), 404, says="No such File object")
     assert_openai_error(client.delete(f"/v1/files/{file_id}", headers=auth()), 404)
 
 

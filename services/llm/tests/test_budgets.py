@@ -15,6 +15,7 @@ import pytest
 
 from parley_kit.db import Database, upgrade
 from parley_kit.errors import BudgetExceeded
+from parley_kit.testing import backend_killed_at
 from parley_llm import MIGRATIONS_DIR, budgets
 from parley_llm.budgets import Period, Scope
 
@@ -108,7 +109,7 @@ def test_budget_routes_are_for_admins(dime_app, admin, make_client, token_mint, 
     member = make_client(dime_app, token_mint.mint(user))
     assert put_budget(member, f"users/{user}", "100").status_code == 403
     assert member.get("/v1/budgets").status_code == 403
-    assert member.get("/v1/budgets/users/someone-else").status_code == 403
+    assert member.get("/v1/budgets/users/someone-else").status_code == 404  # not theirs: not shown to exist
     assert member.get("/v1/usage/all").status_code == 403
     assert put_budget(admin, f"users/{user}", "-1").status_code == 400
     assert put_budget(admin, f"users/{user}", "1", "week").status_code == 400
@@ -178,3 +179,62 @@ def test_who_has_a_budget_is_cached_until_invalidated(ledger_db: Database) -> No
     directory.invalidate()
     assert directory.subjects_for("cached", "k") == (("key", "k"),)
     assert budgets.BudgetDirectory(ledger_db.engine, ttl=0).subjects_for("a", None) == (("user", "a"),)
+
+
+def ledger_call(ledger_db: Database, user: str) -> tuple[Any, Any, Any]:
+    """A Ledger on `ledger_db`, a call context of `user` holding a reservation on its $1 budget, and its record."""
+    from parley_llm.catalog import load_catalog
+    from parley_llm.relay import CallContext, Ledger
+
+    catalog = load_catalog(MIGRATIONS_DIR.parent / "models.yaml")
+    ledger = Ledger(ledger_db.engine, catalog.price_version)
+    with ledger_db.transaction() as session:
+        budgets.put_budget(session, scope=Scope.USER, subject_id=user, limit_usd=Decimal("1"), period=Period.TOTAL)
+    ctx = CallContext("req_x", user, None, catalog.get("gpt-4o-mini"), "chat", {"messages": []}, 0.0)
+    ledger.reserve(ctx)
+    assert ctx.reservation is not None
+    record = ctx.new_record()
+    record.input_tokens, record.output_tokens = 1000, 1000
+    return ledger, ctx, record
+
+
+def ledger_state(ledger_db: Database, user: str) -> tuple[int, int, int]:
+    """(usage rows, spent nano-USD, reserved nano-USD) of a user."""
+    from sqlalchemy import text
+
+    with ledger_db.engine.connect() as connection:
+        rows = connection.execute(text("SELECT count(*) FROM usage_records WHERE user_id = :u"), {"u": user}).scalar()
+    with ledger_db.transaction() as session:
+        budget = budgets.get_budget(session, scope=Scope.USER, subject_id=user)
+        assert budget is not None
+        return int(rows or 0), budget.spent_nusd, budget.reserved_nusd
+
+
+def test_a_settlement_is_written_once_however_often_it_is_retried(ledger_db: Database) -> None:
+    """The row's call id: a second write of the same call (a retry after an ambiguous commit) adds no row and does
+    not settle the budget twice."""
+    ledger, ctx, record = ledger_call(ledger_db, "once")
+    reservation = ctx.reservation
+    ledger.settle(ctx, record)
+    written = ledger_state(ledger_db, "once")
+    assert written[0] == 1 and written[1] > 0 and written[2] == 0
+    ctx.reservation = reservation  # as if the commit's answer had been lost and the write ran again
+    ledger.settle(ctx, record)
+    assert ledger_state(ledger_db, "once") == written
+
+
+def test_a_usage_write_that_loses_its_connection_is_retried(postgres) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL kills the backend under the usage INSERT: the ledger retries on a fresh connection, and the call is
+    charged once, with its budget settled."""
+    url = postgres.create_database("llm_settle_retry")
+    upgrade(MIGRATIONS_DIR, url)
+    db = Database(url)
+    try:
+        ledger, ctx, record = ledger_call(db, "killed")
+        with backend_killed_at(db.engine, "INSERT INTO usage_records") as killed:
+            ledger.settle(ctx, record)
+        assert killed, "the backend was never killed: the test did not test anything"
+        rows, spent, reserved = ledger_state(db, "killed")
+        assert (rows, reserved) == (1, 0) and spent > 0
+    finally:
+        db.dispose()

@@ -91,3 +91,28 @@ def test_replay_survives_a_new_app(make_app, make_client, token_mint, user: str,
     first = make_client(make_app(), token_mint.mint(user)).post(CHAT, json=chat(), headers={"Idempotency-Key": key})
     second = make_client(make_app(), token_mint.mint(user)).post(CHAT, json=chat(), headers={"Idempotency-Key": key})
     assert second.headers.get("Idempotent-Replayed") == "true" and second.data == first.data
+
+
+def test_a_claim_is_finished_on_a_fresh_connection_when_its_own_is_killed(postgres) -> None:  # type: ignore[no-untyped-def]
+    """The answer is made; storing it loses its connection (PostgreSQL kills the backend): the store is retried, so a
+    redelivered duplicate gets the replay instead of waiting on a claim left pending."""
+    from parley_kit.db import Database, upgrade
+    from parley_kit.testing import backend_killed_at
+    from parley_llm import MIGRATIONS_DIR, idempotency
+
+    url = postgres.create_database("llm_claim_retry")
+    upgrade(MIGRATIONS_DIR, url)
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            assert idempotency.claim(session, user_id="u", key="k", fingerprint="f")
+        with backend_killed_at(db.engine, "UPDATE idempotency_keys") as killed:
+            idempotency.finish_claim(
+                db, lambda session: idempotency.store(session, user_id="u", key="k", status=200, body=b"{}")
+            )
+        assert killed, "the backend was never killed: the test did not test anything"
+        with db.transaction() as session:
+            record = idempotency.lookup(session, user_id="u", key="k")
+            assert record is not None and record.state == "done" and record.response_body == b"{}"
+    finally:
+        db.dispose()

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
 Password = Annotated[str, Field(min_length=8, max_length=256, description="8 to 256 characters")]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# Names are stripped before the length check, so the document says what that means: at least one non-space.
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"\S")]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -63,7 +64,7 @@ class ActAsBody(BaseModel):
 class ApiKeyCreateBody(BaseModel):
     """A new API key: a name, an optional expiry (aware, in the future) and optional allowed models."""
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"\S")]
     expires_at: AwareDatetime | None = None
     allowed_models: list[ModelName] | None = Field(None, min_length=1, max_length=200)
 
@@ -83,7 +84,16 @@ class UserPath(BaseModel):
 class UserUpdateBody(BaseModel):
     """What an admin changes about a user: the role, the disabled flag, or both."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The document states the validator's rule: at least one of the two, and not null.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["role"], "properties": {"role": {"enum": ["admin", "member"]}}},
+                {"required": ["disabled"], "properties": {"disabled": {"type": "boolean"}}},
+            ]
+        },
+    )
 
     role: Literal["admin", "member"] | None = None
     disabled: bool | None = None

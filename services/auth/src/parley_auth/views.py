@@ -8,6 +8,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from parley_kit.app import model_response
 from parley_kit.db import utcnow
 from parley_kit.errors import BadRequest, Forbidden, Unauthorized
+from parley_kit.openapi import error_responses
 
 from . import service, throttle
 from .context import auth_context, caller, interactive_caller
@@ -73,7 +74,7 @@ def _refused_refresh() -> Unauthorized:
 # ----- accounts ---------------------------------------------------------------------------------------------------
 
 
-@accounts.post("/register", responses={201: UserOut}, security=[])
+@accounts.post("/register", responses={201: UserOut, **error_responses(403, 409)}, security=[])
 def register(body: RegisterBody) -> Response:
     """Create an account: when registration is open, or with an unused invite code when it is by invite."""
     ctx = auth_context()
@@ -87,7 +88,7 @@ def register(body: RegisterBody) -> Response:
 
 @accounts.post(
     "/token",
-    responses={200: TokenPairOut},
+    responses={200: TokenPairOut, **error_responses(401, 429)},
     security=[],
     description="Throttled per account and per client address: past the limit, 429 with Retry-After, "
     "even for the right password, until the window passes.",
@@ -113,7 +114,7 @@ def login(body: LoginBody) -> Response:
     return model_response(_pair_out(pair))
 
 
-@accounts.post("/refresh", responses={200: TokenPairOut}, security=[])
+@accounts.post("/refresh", responses={200: TokenPairOut, **error_responses(401)}, security=[])
 def refresh(body: RefreshBody) -> Response:
     """Spend a refresh token for a new pair; a replayed one revokes its whole family."""
     ctx = auth_context()
@@ -215,7 +216,7 @@ def revoke_api_key(path: ApiKeyPath) -> Response:
 # ----- service accounts -------------------------------------------------------------------------------------------
 
 
-@internal.post("/service-token", responses={200: ServiceTokenOut}, security=[])
+@internal.post("/service-token", responses={200: ServiceTokenOut, **error_responses(401)}, security=[])
 def service_token(body: ServiceTokenBody) -> Response:
     """Client credentials → a service token (`sub: svc:<client_id>`, roles `[service]`)."""
     ctx = auth_context()
@@ -248,7 +249,7 @@ def key_exchange(body: KeyExchangeBody) -> Response:
     )
 
 
-@internal.post("/internal/act-as", responses={200: ActAsOut}, security=BEARER)
+@internal.post("/internal/act-as", responses={200: ActAsOut, **error_responses(404)}, security=BEARER)
 def act_as(body: ActAsBody) -> Response:
     """A token for a user carrying the calling service as `act` (services only)."""
     identity = caller()

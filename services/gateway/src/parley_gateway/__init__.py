@@ -22,6 +22,7 @@ from .cors import Cors
 from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
 from .docs import SpecCache, docs_blueprint
 from .headers import SECURITY_HEADERS
+from .metrics import start_known_series_at_zero
 from .proxy import Proxy
 from .ratelimit import DefaultLimits, LocalRateLimiter, RateLimiter, RedisRateLimiter
 from .revocation import start_listener
@@ -66,6 +67,7 @@ def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
     proxy = mount_proxy(app, settings, upstreams, authenticator, limiter)
     mount_cors(app, settings)
     app.extensions["parley_gateway"] = Gateway(settings, upstreams, authenticator, proxy, listener, limiter)
+    start_known_series_at_zero()
     return app
 
 
@@ -114,6 +116,8 @@ def build_rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
             prefix=settings.redis_prefix,
             timeout=settings.redis_timeout,
             failure_mode=settings.rate_limit_failure_mode,
+            pool_size=settings.redis_pool_size,
+            pool_wait=settings.redis_pool_wait,
         )
     # settings refuse this combination outside development
     log.warning("GATEWAY_REDIS_URL is not set: rate limits are kept per process (development only)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from parley_kit.errors import Unauthorized, UpstreamError
+from parley_kit.errors import GatewayTimeout, ServiceUnavailable, Unauthorized, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource, seconds
 from parley_kit.tokens import TokenVerifier
@@ -259,6 +259,10 @@ class KeyExchanger:
             if status in (401, 403, 404):
                 raise Unauthorized("invalid API key", code="invalid_api_key")
             log.warning("key exchange failed at auth", extra={"http.response.status_code": status})
+            if status == 503:  # auth is up but its database is not (a restart): the client may retry at once
+                raise ServiceUnavailable("authentication is unavailable; retry shortly", headers={"Retry-After": "1"})
+            if status == 504:
+                raise GatewayTimeout("the auth service did not answer in time")
             raise UpstreamError("the auth service failed")
         raise Unauthorized("invalid API key", code="invalid_api_key")
 
@@ -296,24 +300,28 @@ class UserRevocations:
 
     def __init__(self, memory: float = USER_REVOCATION_MEMORY) -> None:
         self._memory = memory
-        self._since: dict[str, float] = {}
+        # user id -> (revoked at, epoch seconds; the last whole `iat` second refused). `iat` has one-second resolution.
+        self._since: dict[str, tuple[float, int]] = {}
 
-    def revoke(self, user_id: str, at: float | None = None) -> None:
-        """Refuse this user's tokens issued before `at` (epoch seconds; now by default)."""
+    def revoke(self, user_id: str, at: float | None = None, *, whole_second: bool = False) -> None:
+        """Refuse this user's tokens issued before `at` (epoch seconds; now by default); `whole_second` refuses
+        those issued in the second of `at` too."""
         now = time.time()
-        self._since = {u: t for u, t in self._since.items() if t > now - self._memory}
-        self._since[user_id] = at if at is not None else now
+        at = at if at is not None else now
+        self._since = {u: since for u, since in self._since.items() if since[0] > now - self._memory}
+        self._since[user_id] = (at, int(at) if whole_second else int(at) - 1)
 
     def refuses(self, user_id: str, token: str) -> bool:
         """Whether a (verified) token of this user predates a revocation."""
-        since = self._since.get(user_id)
-        if since is None:
+        revoked = self._since.get(user_id)
+        if revoked is None:
             return False
-        if since < time.time() - self._memory:
+        at, last_refused_second = revoked
+        if at < time.time() - self._memory:
             self._since.pop(user_id, None)
             return False
         issued_at = jwt.decode(token, options={"verify_signature": False}).get("iat")
-        return not isinstance(issued_at, (int, float)) or issued_at < int(since)
+        return not isinstance(issued_at, (int, float)) or issued_at <= last_refused_second
 
 
 class EdgeAuthenticator:

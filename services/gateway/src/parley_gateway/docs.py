@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from typing import Literal
+from http import HTTPStatus
+from typing import Any, Literal
 
 import orjson
 from flask import Response
@@ -15,7 +17,7 @@ from pydantic import BaseModel
 from parley_kit.errors import ServiceUnavailable
 from parley_kit.http import ServiceClient
 
-from .routing import Upstream
+from .routing import Upstream, match
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,30 @@ class SpecCache:
         status, body = self._clients[service].json("GET", SPEC_PATH, timeout=SPEC_TIMEOUT)
         if status != 200 or not isinstance(body, dict) or "openapi" not in body:
             raise ServiceUnavailable(f"{service.value} answered its OpenAPI document with {status}")
-        return orjson.dumps(body)
+        return orjson.dumps(edge_view(body))
+
+
+def edge_view(document: dict[str, Any]) -> dict[str, Any]:
+    """A service's document as the gateway serves it: without the paths the edge refuses (internal auth routes
+    answer 404 here), and with the errors the edge itself adds (429 past a rate limit, 413 past the body limit),
+    in the shape the service documents for that operation's errors."""
+    paths = {}
+    for path, item in document.get("paths", {}).items():
+        route = match(re.sub(r"\{[^}/]+\}", "x", path))  # a concrete path stands for the template
+        if route is None:
+            continue
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            error = responses.get("400")
+            if error is None:
+                continue
+            added = [413] if "requestBody" in operation else []
+            if route.limited:
+                added.append(429)
+            for status in added:
+                responses.setdefault(str(status), {**error, "description": HTTPStatus(status).phrase})
+        paths[path] = item
+    return {**document, "paths": paths}
 
 
 def docs_blueprint(specs: SpecCache) -> APIBlueprint:

@@ -29,3 +29,24 @@ RATELIMIT_DEGRADED = Gauge(
     "1 while rate limits cannot be checked in Redis (requests are refused or admitted per the failure mode).",
     multiprocess_mode="livemax",
 )
+
+# Every reason the edge refuses credentials for (its own and the kit's token verifier's).
+AUTH_FAILURE_REASONS = (
+    "missing_credentials",
+    "missing_token",
+    "invalid_api_key",
+    "invalid_credentials",
+    "invalid_token",
+    "token_expired",
+    "token_revoked",
+)
+
+
+def start_known_series_at_zero() -> None:
+    """Export every known label set from the start: a counter whose first sample already holds its first event never
+    shows that event in rate() or increase(), so the first refusal would be invisible to dashboards and alerts."""
+    for reason in AUTH_FAILURE_REASONS:
+        AUTH_FAILURES.labels(reason)
+    for decision in ("allowed", "limited"):
+        for kind in ("requests", "tokens"):
+            RATELIMIT_DECISIONS.labels(decision, kind)

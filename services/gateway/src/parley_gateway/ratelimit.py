@@ -240,15 +240,22 @@ def duration(milliseconds: float) -> str:
 class RedisRateLimiter:
     """Limits shared by every gateway process through one Redis (one EVALSHA per check, one per settlement)."""
 
-    def __init__(self, url: str, *, prefix: str, timeout: float, failure_mode: str) -> None:
-        # No retries and short timeouts: a slow Redis must not become a slow gateway.
-        self._redis = redis.Redis.from_url(
+    def __init__(
+        self, url: str, *, prefix: str, timeout: float, failure_mode: str, pool_size: int = 64, pool_wait: float = 5.0
+    ) -> None:
+        # No retries and short timeouts: a slow Redis must not become a slow gateway. A blocking pool: more checks in
+        # flight than connections (thousands of greenlets per worker) wait their turn; the default pool would raise
+        # "too many connections", which reads as Redis being down and fails every request closed for a second.
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_wait,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        self._redis = redis.Redis(connection_pool=pool)
         self._prefix = prefix
         self._fail_open = failure_mode == "open"
         self._check = self._redis.register_script(CHECK_SCRIPT)

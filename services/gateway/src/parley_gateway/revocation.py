@@ -28,7 +28,9 @@ def apply_event(message: Message, *, keys: KeyCache, users: UserRevocations) -> 
         if user_id is None:
             return
         dropped = keys.drop_user(str(user_id))
-        users.revoke(str(user_id), _epoch(message.occurred_at))
+        # A disabled user can get no new token, so even one issued in the second of the event is refused; after a
+        # password change the user logs in again at once, so only tokens from earlier seconds are.
+        users.revoke(str(user_id), _epoch(message.occurred_at), whole_second=message.type == "user.disabled")
     else:
         return
     log.info("identity event applied", extra={"event.action": message.type, "parley.dropped": dropped})

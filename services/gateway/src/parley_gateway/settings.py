@@ -53,6 +53,9 @@ class GatewaySettings(ServiceSettings):
     redis_prefix: str = "parley:"
     # Redis must answer quickly or not at all: the check is on every limited request's path.
     redis_timeout: float = Field(0.25, gt=0)
+    # Connections to Redis per worker; a check waits up to redis_pool_wait seconds for one when all are busy.
+    redis_pool_size: int = Field(64, ge=1)
+    redis_pool_wait: float = Field(5.0, gt=0)
     rate_limit_key_rpm: int = Field(600, ge=0)
     rate_limit_key_tpm: int = Field(1_000_000, ge=0)
     rate_limit_user_rpm: int = Field(1200, ge=0)

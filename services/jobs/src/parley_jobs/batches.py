@@ -167,7 +167,7 @@ def get_batch(session: Session, *, owner: str, batch_id: str, lock: bool = False
         query = query.with_for_update()
     batch = session.scalars(query).one_or_none()
     if batch is None:
-        raise NotFound(f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id")
+        raise NotFound("No such Batch object.", code="batch_not_found", param="batch_id")  # no echo: may be a secret
     return batch
 
 

@@ -57,7 +57,7 @@ def get_file(session: Session, *, owner: str, file_id: str, with_content: bool =
         query = query.options(undefer(File.content))
     file = session.scalars(query).one_or_none()
     if file is None:
-        raise NotFound(f"No such File object: {file_id}", code="file_not_found", param="file_id")
+        raise NotFound("No such File object.", code="file_not_found", param="file_id")  # no echo: may be a secret
     return file
 
 

@@ -9,6 +9,7 @@ from flask_openapi3 import FileStorage
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .batches import Counts
+from .files import UPLOAD_PURPOSES
 from .jsonl import Endpoint
 from .models import Batch, File
 
@@ -24,7 +25,11 @@ class FileUpload(BaseModel):
     """`POST /v1/files` multipart form."""
 
     file: FileStorage
-    purpose: str = Field(description="`batch` for batch input (validated as JSONL requests)")
+    # Checked by files.upload_file (its own error code); the enum documents the same list.
+    purpose: str = Field(
+        description="`batch` for batch input (validated as JSONL requests)",
+        json_schema_extra={"enum": list(UPLOAD_PURPOSES)},
+    )
 
 
 class FilePath(BaseModel):

@@ -35,6 +35,9 @@ class JobsSettings(ServiceSettings):
     worker_prefetch: int = Field(8, ge=1, le=1000)
     relay_interval: float = Field(0.2, gt=0)
     delivery_limit: int = Field(5, ge=1)
+    # A failed item waits this x 2^(redeliveries so far) seconds (at most 10) before RabbitMQ redelivers it: with the
+    # default limit of 5 deliveries, ~15 s of a database or llm outage is ridden out before an item fails.
+    retry_backoff: float = Field(0.5, ge=0)
     item_timeout: float = Field(600.0, gt=0)
     # The "24h" completion window, shortened in tests; the worker's sweep expires batches that outlive it.
     completion_window_seconds: float = Field(86_400.0, gt=0)

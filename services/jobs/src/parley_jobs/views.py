@@ -8,6 +8,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from parley_kit.app import model_response
 from parley_kit.db import Database
 from parley_kit.errors import PayloadTooLarge
+from parley_kit.openapi import error_responses
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
 
 from . import batches, files
@@ -37,6 +38,13 @@ def _settings() -> JobsSettings:
     return current_app.config["PARLEY_SETTINGS"]
 
 
+# A file's bytes are returned as stored: the document says so instead of implying JSON.
+RAW_CONTENT = {
+    "description": "OK",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
 def _db() -> Database:
     return current_app.extensions["parley_db"]
 
@@ -56,7 +64,7 @@ def _authenticate() -> None:
             raise PayloadTooLarge(f"files are limited to {limit} bytes", code="file_too_large", param="file")
 
 
-@api.post("/files", tags=[FILES], responses={200: FileObject})
+@api.post("/files", tags=[FILES], responses={200: FileObject, **error_responses(413)})
 def upload_file(form: FileUpload) -> Response:
     """Upload a file; `purpose=batch` files must be valid batch request JSONL."""
     settings = _settings()
@@ -114,7 +122,7 @@ def delete_file(path: FilePath) -> Response:
         return model_response(FileDeleted(id=file.id))
 
 
-@api.get("/files/<file_id>/content", tags=[FILES])
+@api.get("/files/<file_id>/content", tags=[FILES], responses={200: RAW_CONTENT})
 def file_content(path: FilePath) -> Response:
     """The raw bytes of one of the caller's files."""
     with _db().transaction() as session:
@@ -125,7 +133,7 @@ def file_content(path: FilePath) -> Response:
     return response
 
 
-@api.post("/batches", tags=[BATCHES], responses={200: BatchObject})
+@api.post("/batches", tags=[BATCHES], responses={200: BatchObject, **error_responses(404, 409)})
 def create_batch(body: BatchCreate, header: BatchCreateHeaders) -> Response:
     """Create a batch from an uploaded `batch` file; its lines are queued for the workers."""
     identity = _identity()
@@ -172,7 +180,7 @@ def get_batch(path: BatchPath) -> Response:
         return model_response(BatchObject.of(batch, batches.request_counts(session, [batch])[batch.id]))
 
 
-@api.post("/batches/<batch_id>/cancel", tags=[BATCHES], responses={200: BatchObject})
+@api.post("/batches/<batch_id>/cancel", tags=[BATCHES], responses={200: BatchObject, **error_responses(409)})
 def cancel_batch(path: BatchPath) -> Response:
     """Cancel a batch: unstarted lines are skipped; it ends `cancelled` with partial output."""
     owner = _identity().subject

@@ -58,6 +58,9 @@ class Deployment(BaseModel):
     operation: Operation = Operation.CHAT
     created: int = 0
     price: Price | None = None
+    # The most output tokens one call may ask for (the provider's own ceiling): larger `max_tokens` is a 400 here,
+    # before a budget reservation or a provider call.
+    max_output_tokens: int | None = Field(None, ge=1)
     deployments: tuple[Target, ...] = ()
     fallbacks: tuple[str, ...] = ()
 

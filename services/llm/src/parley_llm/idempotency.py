@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,10 +21,12 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from parley_kit.db import Database, utcnow
+from parley_kit.db import Database, retry_lost_connection, utcnow
 from parley_kit.errors import BadRequest, Conflict
 
 from .models import IdempotencyRecord
+
+log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -77,6 +80,21 @@ def store(session: Session, *, user_id: str, key: str, status: int, body: bytes)
 def release(session: Session, *, user_id: str, key: str) -> None:
     """Forget a claim whose request failed, so a retry runs for real."""
     session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key))
+
+
+def finish_claim(db: Database, write: Callable[[Session], None]) -> None:
+    """Store or release a claim, retried on a fresh connection when the database drops one (both writes are
+    idempotent). Left pending otherwise (logged): a duplicate then waits, and the claim is taken over once stale —
+    the answer already made is still the client's."""
+
+    def transaction() -> None:
+        with db.transaction() as session:
+            write(session)
+
+    try:
+        retry_lost_connection(transaction)
+    except Exception:
+        log.exception("could not finish an idempotency claim")
 
 
 def replay(record: IdempotencyRecord) -> Response:
@@ -134,14 +152,13 @@ def idempotent(
             try:
                 response = view(*args, **kwargs)
             except BaseException:
-                with db.transaction() as session:
-                    release(session, user_id=user_id, key=key)
+                finish_claim(db, lambda session: release(session, user_id=user_id, key=key))
                 raise
-            with db.transaction() as session:
-                if response.status_code == 200 and not response.is_streamed:
-                    store(session, user_id=user_id, key=key, status=200, body=response.get_data())
-                else:
-                    release(session, user_id=user_id, key=key)
+            if response.status_code == 200 and not response.is_streamed:
+                body = response.get_data()
+                finish_claim(db, lambda session: store(session, user_id=user_id, key=key, status=200, body=body))
+            else:
+                finish_claim(db, lambda session: release(session, user_id=user_id, key=key))
             return response
 
         return wrapper

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import re
 from datetime import date
-from decimal import Decimal
-from typing import Literal
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Annotated, Literal
 
 import orjson
 from flask import Response, g, request
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.tokens import Identity, authenticate
@@ -47,14 +49,54 @@ class UsageRow(BaseModel):
 class UsageList(BaseModel):
     """`GET /v1/usage` and `GET /v1/usage/all`."""
 
+    # `?format=csv` answers the same rows as a CSV file.
+    model_config = ConfigDict(openapi_extra={"content": {"text/csv": {"schema": {"type": "string"}}}})
+
     object: str = "list"
     data: list[UsageRow]
+
+
+# A limit as text is a plain decimal with at most 9 places, up to 1e9; a JSON number (a binary float) is rounded to
+# 9 places. The document states both, so every value it allows is accepted and nothing else.
+DECIMAL_TEXT = r"^(1000000000(\.0{1,9})?|[0-9]{1,9}(\.[0-9]{1,9})?)$"
+MAX_LIMIT_USD = Decimal("1e9")
+
+
+def _limit_usd(value: object) -> object:
+    """Text must match DECIMAL_TEXT; a finite number becomes a Decimal of at most 9 places (bool is not a number)."""
+    if isinstance(value, str):
+        if not re.fullmatch(DECIMAL_TEXT, value):
+            raise ValueError("a decimal number with at most 9 places, such as 12.50")
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError("a finite number")
+        number = Decimal(repr(value))
+        # Out of range is refused by the bounds below; quantizing 1e300 would overflow the decimal context (a 500).
+        return number.quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN) if abs(number) <= MAX_LIMIT_USD else number
+    return value
+
+
+LimitUsd = Annotated[
+    Decimal,
+    BeforeValidator(_limit_usd),
+    Field(ge=0, le=MAX_LIMIT_USD, decimal_places=9),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": 1e9},
+                {"type": "string", "pattern": DECIMAL_TEXT},
+            ],
+            "description": "US dollars; a number is rounded to 9 decimal places",
+        }
+    ),
+]
 
 
 class BudgetIn(BaseModel):
     """A budget's limit and period."""
 
-    limit_usd: Decimal = Field(ge=0, le=Decimal("1e9"), decimal_places=9)
+    limit_usd: LimitUsd
     period: Period = Period.MONTH
 
 
@@ -175,16 +217,16 @@ def register_ledger_routes(app: OpenAPI, state: LlmState) -> None:
 
     @bp.get("/budgets/users/<user_id>", responses={200: BudgetOut})
     def get_user_budget(path: UserPath) -> Response:
-        """A user's budget (admins, or the user)."""
+        """A user's budget (admins, or the user; anyone else gets the 404 of a missing budget, not a 403)."""
         if g.identity.subject != path.user_id:
-            require_admin(g.identity)
+            require_admin_or_hide(g.identity, Scope.USER)
         return get(Scope.USER, path.user_id)
 
     @bp.get("/budgets/keys/<key_id>", responses={200: BudgetOut})
     def get_key_budget(path: KeyPath) -> Response:
-        """An API key's budget (admins, or a caller using that key)."""
+        """An API key's budget (admins, or a caller using that key; anyone else gets the 404 of a missing budget)."""
         if g.identity.key_id != path.key_id:
-            require_admin(g.identity)
+            require_admin_or_hide(g.identity, Scope.KEY)
         return get(Scope.KEY, path.key_id)
 
     @bp.delete("/budgets/users/<user_id>", responses={204: None})
@@ -204,6 +246,12 @@ def require_admin(identity: Identity) -> None:
     """403 unless the token carries the admin role."""
     if not identity.has_role(ADMIN_ROLE):
         raise Forbidden("this needs the admin role", code="admin_only")
+
+
+def require_admin_or_hide(identity: Identity, scope: Scope) -> None:
+    """404 unless the token carries the admin role: a budget that is not the caller's is not shown to exist (BOLA)."""
+    if not identity.has_role(ADMIN_ROLE):
+        raise NotFound(f"no budget for this {scope.value}", code="budget_not_found")
 
 
 def csv_response(rows: list[dict], fields: list[str]) -> Response:

@@ -21,9 +21,14 @@ class UsageRecord(Base):
     """What one request consumed and cost, priced by the price-table version in force."""
 
     __tablename__ = "usage_records"
-    __table_args__ = (Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),
+        Index("ux_usage_records_call_id", "call_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    # One per call (llm makes it): a settlement retried after an ambiguous commit finds its row and writes nothing.
+    call_id: Mapped[str | None] = mapped_column(String(32))
     request_id: Mapped[str] = mapped_column(String(128))
     user_id: Mapped[str] = mapped_column(String(128))
     key_id: Mapped[str | None] = mapped_column(String(128))

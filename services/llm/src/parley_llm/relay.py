@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import httpx2
 import orjson
 from sqlalchemy import Engine
 
-from parley_kit.db import utcnow
+from parley_kit.db import retry_lost_connection, utcnow
 from parley_kit.errors import ParleyError, UpstreamError
 
 from . import budgets, service
@@ -42,6 +44,7 @@ class CallContext:
     started: float  # perf_counter at request start
     response: Any = None  # the upstream response once routed
     reservation: Any = None  # the budget reservation to settle, if the caller has budgets
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its usage row's identity (written once)
 
     def new_record(self, *, streamed: bool = False) -> CallRecord:
         """An empty call record for this context."""
@@ -84,32 +87,44 @@ class Ledger:
             ctx.reservation = budgets.reserve(connection, subjects=subjects, estimate_nusd=estimate, now=utcnow())
 
     def settle(self, ctx: CallContext, record: CallRecord, first_chunk: float | None = None) -> None:
-        """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response."""
+        """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response.
+
+        The usage row and the budget settlement commit together. A connection lost on the way (a database restart,
+        a killed backend) is retried on a fresh one: the row's call id makes a retry after an ambiguous commit write
+        nothing, and its budget settlement, committed with it, is not repeated either.
+        """
         elapsed = time.perf_counter() - ctx.started
         cost = service.price(ctx.deployment, input_tokens=record.input_tokens, output_tokens=record.output_tokens)
         try:
             observe(record, duration=elapsed, first_chunk=first_chunk, cost=float(cost), user_id=ctx.user_id)
-            # A bare connection, not an ORM session: one INSERT in its own short transaction.
-            with self.engine.begin() as connection:
-                service.record_usage(
-                    connection,
-                    request_id=ctx.request_id,
-                    user_id=ctx.user_id,
-                    key_id=ctx.key_id,
-                    operation=ctx.operation,
-                    deployment=ctx.deployment,
-                    input_tokens=record.input_tokens,
-                    output_tokens=record.output_tokens,
-                    cost_usd=cost,
-                    latency_ms=int(elapsed * 1000),
-                    status=record.status,
-                    price_version=self.price_version,
-                )
-                if ctx.reservation is not None:
-                    reservation, ctx.reservation = ctx.reservation, None
-                    budgets.settle(connection, reservation, cost_nusd=budgets.to_nano(cost), now=utcnow())
+        except Exception:
+            log.exception("could not record call metrics", extra={"http.request.id": ctx.request_id})
+        try:
+            retry_lost_connection(lambda: self._write(ctx, record, cost, elapsed))
         except Exception:
             log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
+
+    def _write(self, ctx: CallContext, record: CallRecord, cost: Decimal, elapsed: float) -> None:
+        """One transaction: the usage row (once per call) and, with it, the budget settlement."""
+        with self.engine.begin() as connection:
+            written = service.record_usage(
+                connection,
+                call_id=ctx.call_id,
+                request_id=ctx.request_id,
+                user_id=ctx.user_id,
+                key_id=ctx.key_id,
+                operation=ctx.operation,
+                deployment=ctx.deployment,
+                input_tokens=record.input_tokens,
+                output_tokens=record.output_tokens,
+                cost_usd=cost,
+                latency_ms=int(elapsed * 1000),
+                status=record.status,
+                price_version=self.price_version,
+            )
+            if written and ctx.reservation is not None:
+                budgets.settle(connection, ctx.reservation, cost_nusd=budgets.to_nano(cost), now=utcnow())
+        ctx.reservation = None  # settled (or, with the row already there, settled by the attempt that wrote it)
 
 
 def estimate_prompt_words(body: dict[str, Any]) -> int:

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Date, cast, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from parley_kit.db import utcnow
@@ -14,7 +15,13 @@ from parley_kit.db import utcnow
 from .catalog import Deployment
 from .models import UsageRecord, usage_records
 
-_INSERT = usage_records.insert()
+# INSERT … ON CONFLICT (call_id) DO NOTHING RETURNING id, per dialect: a retried settlement writes its row once.
+_INSERT_ONCE = {
+    dialect: module.insert(usage_records)
+    .on_conflict_do_nothing(index_elements=["call_id"])
+    .returning(usage_records.c.id)
+    for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> Decimal:
@@ -23,8 +30,9 @@ def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> D
 
 
 def record_usage(
-    db: Connection | Session,
+    connection: Connection,
     *,
+    call_id: str,
     request_id: str,
     user_id: str,
     key_id: str | None,
@@ -36,11 +44,13 @@ def record_usage(
     latency_ms: int,
     status: str,
     price_version: str,
-) -> None:
-    """Write one usage row with a single Core INSERT (no ORM unit of work on the hot path)."""
-    db.execute(
-        _INSERT,
+) -> bool:
+    """Write one call's usage row with a single Core INSERT (no ORM unit of work on the hot path); False when the
+    call's row is already there (an earlier attempt committed)."""
+    inserted = connection.execute(
+        _INSERT_ONCE[connection.dialect.name],
         {
+            "call_id": call_id,
             "request_id": request_id,
             "user_id": user_id,
             "key_id": key_id,
@@ -56,7 +66,8 @@ def record_usage(
             "price_version": price_version,
             "created_at": utcnow(),
         },
-    )
+    ).first()
+    return inserted is not None
 
 
 def usage_by_day(

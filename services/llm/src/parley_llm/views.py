@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from parley_kit import tracing
 from parley_kit.db import Database
 from parley_kit.errors import BadRequest, Forbidden, NotFound
+from parley_kit.openapi import error_responses
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
 
 from . import idempotency, relay, translate
@@ -45,6 +46,9 @@ class LlmState:
 
 # ----- request and response bodies (lenient: unknown fields pass through to the provider) ----------------------
 
+# Messages per request (OpenAI's own ceiling): a bound on the work one request can ask for, beside the body size.
+MAX_MESSAGES = 2048
+
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI `POST /v1/chat/completions`; every other field (tools, response_format, stop, …) is passed on."""
@@ -52,7 +56,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -72,15 +76,23 @@ class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int = Field(ge=1)
     stream: bool = False
 
 
 class ProviderAnswer(BaseModel):
-    """The provider's own response object, forwarded unchanged."""
+    """The provider's own response object, forwarded unchanged (`stream: true`: its server-sent events)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow", openapi_extra={"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    )
+
+
+# What an inference route answers besides 200 and the kit's 400/401/403: an unknown model, an Idempotency-Key
+# reused with another body or still running, a budget or provider limit, and the provider failing or timing out.
+INFERENCE_ERRORS = error_responses(404, 409, 429, 502, 503, 504)
+EMBEDDING_ERRORS = error_responses(404, 429, 502, 503, 504)
 
 
 class ModelCard(BaseModel):
@@ -151,12 +163,13 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         state.db, wait=state.idempotency_wait, stale_after=state.idempotency_wait + state.router.total_timeout
     )
 
-    @bp.post("/chat/completions", responses={200: ProviderAnswer})
+    @bp.post("/chat/completions", responses={200: ProviderAnswer, **INFERENCE_ERRORS})
     @once
     def chat_completions(body: ChatCompletionRequest) -> Response:
         """Create a chat completion (OpenAI format), streamed or not."""
         deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
         raw: dict[str, Any] = request.get_json()
+        check_output_limit(deployment, raw)
         ctx = context(g.identity, deployment, "chat", raw)
         if (bridge := translate.bridge(Provider.OPENAI, deployment.provider)) is not None:
             return translated(bridge, ctx, raw)
@@ -188,7 +201,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
             relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
         )
 
-    @bp.post("/embeddings", responses={200: ProviderAnswer})
+    @bp.post("/embeddings", responses={200: ProviderAnswer, **EMBEDDING_ERRORS})
     def embeddings(body: EmbeddingRequest) -> Response:
         """Create embeddings (OpenAI format)."""
         deployment = resolve(state.catalog, g.identity, body.model, Operation.EMBEDDINGS)
@@ -199,12 +212,13 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         answer = relay.complete(state.router, ctx, path="/embeddings", content=content, settle=deferred_settle(ctx))
         return Response(answer, mimetype="application/json")
 
-    @bp.post("/messages", responses={200: ProviderAnswer})
+    @bp.post("/messages", responses={200: ProviderAnswer, **INFERENCE_ERRORS})
     @once
     def messages(body: MessagesRequest) -> Response:
         """Create a message (Anthropic format), streamed or not."""
         deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
         raw: dict[str, Any] = request.get_json()
+        check_output_limit(deployment, raw)
         ctx = context(g.identity, deployment, "messages", raw)
         if (bridge := translate.bridge(Provider.ANTHROPIC, deployment.provider)) is not None:
             return translated(bridge, ctx, raw)
@@ -251,7 +265,8 @@ def resolve(catalog: Catalog, identity: Identity, model: str, operation: Operati
     deployment = catalog.get(model)
     if deployment is None:
         raise NotFound(
-            f"The model {model!r} does not exist or you do not have access to it.",
+            # Not quoted back: a client pasting a key into `model` must not see it in an error (or its logs).
+            "The requested model does not exist or you do not have access to it.",
             code="model_not_found",
             param="model",
         )
@@ -262,6 +277,21 @@ def resolve(catalog: Catalog, identity: Identity, model: str, operation: Operati
             f"the model {model!r} does not support {operation.value}", code="model_not_supported", param="model"
         )
     return deployment
+
+
+def check_output_limit(deployment: Deployment, body: dict[str, Any]) -> None:
+    """400 when the request asks for more output tokens than the model can give (before any reservation or call)."""
+    ceiling = deployment.max_output_tokens
+    if ceiling is None:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        asked = body.get(field)
+        if isinstance(asked, int) and asked > ceiling:
+            raise BadRequest(
+                f"{field} is too large: this model supports at most {ceiling} output tokens",
+                code="invalid_value",
+                param=field,
+            )
 
 
 def context(identity: Identity, deployment: Deployment, operation: str, body: dict[str, Any]) -> relay.CallContext:
