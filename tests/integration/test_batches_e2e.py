@@ -25,7 +25,7 @@ import requests
 from openai.types import Batch
 from sqlalchemy import create_engine, text
 
-from parley_kit.testing import ServiceProcess, free_port, python_module
+from parley_kit.testing import ServiceProcess, free_port, python_module, unavailable
 
 if TYPE_CHECKING:
     from conftest import Client, RunningPlatform
@@ -445,7 +445,7 @@ class OwnRabbit:
 def own_rabbit(tmp_path: Path) -> Iterator[OwnRabbit]:
     """Debian's rabbitmq-server as a second node under a temp dir (the shared broker is never touched)."""
     if not (RABBITMQ_BIN / "rabbitmq-server").exists():
-        pytest.skip("rabbitmq-server is not installed")
+        unavailable("a second RabbitMQ node", "rabbitmq-server is not installed")
     base = tmp_path / "rabbit"
     base.mkdir()
     port, node = free_port(), f"t6-{uuid.uuid4().hex[:8]}@localhost"
