@@ -9,7 +9,7 @@ PY := .venv/bin/python
 SERVICES := auth llm jobs gateway
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps run test test-unit test-observability test-integration bench bench-smoke lint fmt clean
+.PHONY: help install system-deps run test test-unit test-observability test-integration bench bench-smoke soak lint fmt clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -42,8 +42,8 @@ test: install system-deps ## Run every test: unit, service, integration (real Po
 test-unit: install ## Only the fast tests (no integration tier)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-test-observability: install system-deps ## The live Prometheus checks (every target scraped, every dashboard query answered)
-	@PARLEY_LIVE_PROMETHEUS=1 $(PY) -m pytest tests/integration/test_observability.py $(PYTEST_ARGS)
+test-observability: install system-deps ## Only the observability checks (live Prometheus, dashboards, shipped ECS logs)
+	@$(PY) -m pytest tests/integration/test_observability.py $(PYTEST_ARGS)
 
 test-integration: install ## Only tests/integration (the whole platform as real processes)
 	@$(PY) -m pytest tests/integration $(PYTEST_ARGS)
@@ -53,6 +53,9 @@ bench: install ## Benchmarks (issue #8): nginx + fake provider + the platform on
 
 bench-smoke: install ## The benchmark harness in about a minute (every scenario, minimal sizes) -> bench/results/tmp/
 	@$(PY) -m bench --smoke $(BENCH_ARGS)
+
+soak: install ## Ten minutes of mixed load through the gateway (issue #9): errors, RSS and connection counts -> bench/results/soak/
+	@$(PY) -m bench.soak $(SOAK_ARGS)
 
 lint: install ## ruff lint and format check
 	@$(PY) -m ruff check .

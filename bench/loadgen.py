@@ -24,6 +24,7 @@ from urllib.parse import urlsplit  # noqa: E402
 import gevent  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
+from bench.sse import read_timings  # noqa: E402
 from parley_kit.cli import raise_open_files_limit  # noqa: E402
 
 ALLOWED_HOSTS = ("127.0.0.1", "localhost")
@@ -98,22 +99,7 @@ def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
             outcome["status"] = response.status
-            last = None
-            while time.monotonic() < deadline:
-                line = response.readline(65536)
-                if not line:
-                    break
-                if not line.startswith(b"data:"):
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    outcome["ttft_s"] = now - started
-                else:
-                    outcome["gaps_s"].append(now - last)
-                last = now
-                if line.strip() == b"data: [DONE]":
-                    outcome["done"] = True
-                    break
+            outcome["ttft_s"], outcome["gaps_s"], outcome["done"] = read_timings(response, started, deadline)
             connection.close()
         except (OSError, http.client.HTTPException) as exc:
             outcome["error"] = type(exc).__name__

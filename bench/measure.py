@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,11 @@ from urllib.parse import urlsplit
 import pika
 import requests
 
+from bench.sse import read_timings
+
 BENCH_DIR = Path(__file__).resolve().parent
+# One stream of a paired run never takes this long here (a few dozen events).
+STREAM_DEADLINE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -292,25 +298,39 @@ def streams(target: Target, *, concurrency: int, ramp: float, timeout: float) ->
 # ----- processes: RSS, py-spy ----------------------------------------------------------------------------------
 
 
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) for every process: state, ppid, pgrp, … (a
+    process that ends while being read is skipped)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def group_pids(groups: dict[str, int]) -> dict[str, list[int]]:
+    """The processes of each process group (a gunicorn master and its workers share one)."""
+    wanted = {pgid: name for name, pgid in groups.items()}
+    found: dict[str, list[int]] = {name: [] for name in groups}
+    for pid, stat in process_stats():
+        name = wanted.get(int(stat[2]))
+        if name is not None:
+            found[name].append(pid)
+    return found
+
+
 def group_memory(groups: dict[str, int]) -> dict[str, Any]:
     """RSS and PSS (MB) summed over every process of each process group (gunicorn masters and workers)."""
     per_group: dict[str, dict[str, float | int]] = {
         name: {"rss_mb": 0.0, "pss_mb": 0.0, "processes": 0} for name in groups
     }
-    wanted = {pgid: name for name, pgid in groups.items()}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            name = wanted.get(int(stat[2]))
-            if name is None:
-                continue
-            rss = _kb_field((entry / "status").read_text(), "VmRSS")
-            pss = _kb_field((entry / "smaps_rollup").read_text(), "Pss")
-            per_group[name]["rss_mb"] += rss / 1024
-            per_group[name]["pss_mb"] += pss / 1024
-            per_group[name]["processes"] += 1
+    for name, pids in group_pids(groups).items():
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                rss = _kb_field(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+                pss = _kb_field(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss")
+                per_group[name]["rss_mb"] += rss / 1024
+                per_group[name]["pss_mb"] += pss / 1024
+                per_group[name]["processes"] += 1
     for values in per_group.values():
         values["rss_mb"], values["pss_mb"] = round(values["rss_mb"], 1), round(values["pss_mb"], 1)
     return {
@@ -319,6 +339,37 @@ def group_memory(groups: dict[str, int]) -> dict[str, Any]:
         "processes": sum(v["processes"] for v in per_group.values()),
         "per_service": per_group,
     }
+
+
+# Backing processes whose CPU a request also costs, by /proc/<pid>/comm (nginx is the static upstream here).
+BACKING_COMMANDS = {
+    "postgres": "postgres",
+    "redis-server": "redis",
+    "nginx": "nginx (upstream)",
+    "beam.smp": "rabbitmq",
+}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each platform process group and each backing service."""
+    wanted = {pgid: name for name, pgid in groups.items()}
+    used: dict[str, float] = dict.fromkeys([*groups, *BACKING_COMMANDS.values()], 0.0)
+    for pid, stat in process_stats():
+        with contextlib.suppress(OSError):
+            name = wanted.get(int(stat[2])) or BACKING_COMMANDS.get(Path(f"/proc/{pid}/comm").read_text().strip())
+            if name is not None:
+                used[name] += (int(stat[11]) + int(stat[12])) / _TICKS
+    return used
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int | None) -> dict[str, float]:
+    """Microseconds of CPU each process group spent per request between two `cpu_seconds` readings."""
+    if not requests:
+        return {}
+    spent = {name: (after[name] - before.get(name, 0.0)) / requests * 1e6 for name in after}
+    shown = {name: round(us) for name, us in sorted(spent.items(), key=lambda item: -item[1]) if us >= 1}
+    return shown | {"total": round(sum(spent.values()))}
 
 
 def _kb_field(text: str, field: str) -> int:
@@ -539,24 +590,10 @@ def read_stream(target: Target, connection: http.client.HTTPConnection, path: st
     if response.status != 200:
         response.read()
         raise http.client.HTTPException(f"status {response.status}")
-    ttft, gaps, last, done = 0.0, [], None, False
-    for _ in range(100_000):  # bounded: a stream never has this many lines here
-        line = response.readline(65536)
-        if not line:
-            break
-        if not line.startswith(b"data:"):
-            continue
-        now = time.perf_counter()
-        if last is None:
-            ttft = now - started
-        else:
-            gaps.append(now - last)
-        last = now
-        if line.strip() == b"data: [DONE]":
-            done = True
-            break
+    # Bounded in time as well as by the connection's own timeout between lines.
+    ttft, gaps, done = read_timings(response, started, time.monotonic() + STREAM_DEADLINE_S)
     response.read()
-    return ttft, gaps, done
+    return ttft if ttft is not None else 0.0, gaps, done
 
 
 def paired_streams(targets: list[Target], *, rounds: int, per_round: int) -> dict[str, Any]:

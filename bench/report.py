@@ -185,6 +185,49 @@ def _verdict(
     }
 
 
+def budget_lines(s: dict[str, Any]) -> list[str]:
+    """The CPU each missed throughput target leaves per request or item (2 cores), next to what is spent now."""
+    lines: list[str] = []
+    full = _get(s, "throughput", "full", "cpu_us_per_request") or {}
+    floor = _get(s, "throughput", "floor", "requests_per_s")
+    if full and floor:
+        allowed = 2e6 / (0.11 * floor)
+        spent = ", ".join(f"{name} {us}" for name, us in full.items() if name != "total")
+        lines.append(
+            f"- Full path CPU per request now {full['total']} µs ({spent}); 11% of the floor allows {allowed:.0f} µs "
+            f"for everything, the load generator included."
+        )
+    item = _get(s, "batch", "platform", "cpu_us_per_item") or {}
+    raw = _get(s, "batch", "raw_pika", "messages_per_s")
+    if item and raw:
+        allowed = 2e6 / (0.5 * raw)
+        spent = ", ".join(f"{name} {us}" for name, us in item.items() if name != "total")
+        lines.append(
+            f"- Batch CPU per item now {item['total']} µs ({spent}); half the pika rate allows {allowed:.0f} µs."
+        )
+    return lines
+
+
+def cpu_table(throughput: dict[str, Any]) -> list[str]:
+    """CPU microseconds per request by process during each wrk run: the budget both cores share, split by hop."""
+    paths = {name: r["cpu_us_per_request"] for name, r in throughput.items() if r.get("cpu_us_per_request")}
+    if not paths:
+        return []
+    columns = sorted(
+        {c for per in paths.values() for c in per} - {"total"}, key=lambda c: -max(p.get(c, 0) for p in paths.values())
+    )
+    lines = [
+        "",
+        "CPU per request during these runs (µs of CPU, user + system, from /proc; backing services included):",
+        "",
+        "| path | " + " | ".join(columns) + " | total |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, per in paths.items():
+        lines.append(f"| {name} | " + " | ".join(str(per.get(c, 0)) for c in columns) + f" | {per['total']} |")
+    return lines
+
+
 # ----- writing ---------------------------------------------------------------------------------------------------
 
 
@@ -353,6 +396,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {_fmt(r.get('requests_per_s'))} | {_fmt(share and share * 100, 1)} "
                 f"| {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p99_ms'))} | {r.get('non_2xx')} | {r.get('socket_errors')} |"
             )
+        lines += cpu_table(tp)
     else:
         lines.append(f"Error: {tp['error']}")
 
@@ -417,6 +461,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['prefetch']}, manual acks): {r['consumed']}/{r['messages']} in {r['elapsed_s']} s = "
             f"**{_fmt(r['messages_per_s'])} messages/s**.",
         ]
+        if p.get("cpu_us_per_item"):
+            per = ", ".join(f"{name} {us}" for name, us in p["cpu_us_per_item"].items())
+            lines.append(f"- CPU per item (µs, from /proc, while the batch ran): {per}.")
     else:
         lines.append(f"Error: {b['error']}")
 
@@ -484,6 +531,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Where targets are missed", ""]
         for t in missed:
             lines.append(f"- {t['target']}: {t['missed_by']}.")
+        lines += budget_lines(s)
         lines += [
             "",
             "Read the self-time tables above for where the CPU per request goes; the flame graphs show "

@@ -134,18 +134,22 @@ class Run:
                 {"Authorization": f"Bearer {stack.access_token()}"},
                 body,
             ),
-            Target(
-                "full",
-                f"{stack.url('gateway')}/v1/chat/completions",
-                {"Authorization": f"Bearer {stack.credentials.api_key}"},
-                body,
-            ),
+            self.full_target(body),
         ]
+
+    def full_target(self, body: str) -> Target:
+        """client → gateway → llm with the benchmark user's API key (authentication, limits, ledger as in prod)."""
+        assert self.stack.credentials is not None
+        return Target(
+            "full",
+            f"{self.stack.url('gateway')}/v1/chat/completions",
+            {"Authorization": f"Bearer {self.stack.credentials.api_key}"},
+            body,
+        )
 
     def provider_targets(self, body: str) -> list[Target]:
         """direct (the fake provider) and full, for streams and slow upstreams (llm must point at the fake)."""
         stack = self.stack
-        assert stack.credentials is not None
         return [
             Target(
                 "direct",
@@ -153,12 +157,7 @@ class Run:
                 {"Authorization": f"Bearer {stack.provider_key}"},
                 body,
             ),
-            Target(
-                "full",
-                f"{stack.url('gateway')}/v1/chat/completions",
-                {"Authorization": f"Bearer {stack.credentials.api_key}"},
-                body,
-            ),
+            self.full_target(body),
         ]
 
     def platform_groups(self) -> dict[str, int]:
@@ -195,12 +194,14 @@ class Run:
         self.scenario("streams", self.streams)
 
     def throughput(self, targets: list[Target]) -> dict[str, Any]:
-        """wrk at 32 connections on every path; the platform's RSS sampled in the middle of the full-path run."""
+        """wrk at 32 connections on every path, with the CPU each process spent per request; the platform's RSS sampled
+        in the middle of the full-path run."""
         sizes = self.sizes
         results: dict[str, Any] = {}
         for target in targets:
             if sizes.wrk_warmup:
                 measure.run_wrk(target, connections=sizes.wrk_connections, duration=sizes.wrk_warmup)
+            cpu_before = measure.cpu_seconds(self.platform_groups())
             if target.name == "full":
                 result, memory = during(
                     lambda t=target: measure.run_wrk(t, connections=sizes.wrk_connections, duration=sizes.wrk_duration),
@@ -210,6 +211,10 @@ class Run:
                 self.results["rss_load"] = memory
             else:
                 result = measure.run_wrk(target, connections=sizes.wrk_connections, duration=sizes.wrk_duration)
+            # Where each request's CPU goes (the 2 cores are the budget every process shares).
+            result["cpu_us_per_request"] = measure.cpu_per_request(
+                cpu_before, measure.cpu_seconds(self.platform_groups()), result.get("requests")
+            )
             results[target.name] = result
         return results
 
@@ -241,12 +246,17 @@ class Run:
         """Batch items/s end to end through the gateway, and the raw pika loop on the same broker."""
         stack, sizes = self.stack, self.sizes
         assert stack.credentials is not None
+        cpu_before = measure.cpu_seconds(self.platform_groups())
         platform = measure.batch_end_to_end(
             stack.url("gateway"),
             stack.credentials.api_key,
             items=sizes.batch_items,
             body=body,
             timeout=sizes.batch_timeout,
+        )
+        # CPU per item by process: what each hop of an item costs, against the 2 cores' budget.
+        platform["cpu_us_per_item"] = measure.cpu_per_request(
+            cpu_before, measure.cpu_seconds(self.platform_groups()), platform.get("completed")
         )
         raw = measure.raw_pika_loop(
             stack.backing.amqp_url,

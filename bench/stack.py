@@ -17,6 +17,7 @@ from pathlib import Path
 import redis
 import requests
 
+from bench.measure import process_stats
 from parley_kit.processes import ServiceProcess, free_port
 from parley_kit.testing import PostgresServer
 from parley_platform import Platform, PlatformConfig, delete_broker_names
@@ -285,13 +286,7 @@ class Stack:
 
 def _parents() -> dict[int, int]:
     """pid → parent pid for every process on the machine."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
+    return {pid: int(stat[1]) for pid, stat in process_stats()}
 
 
 def run_quiet(argv: list[str]) -> str:

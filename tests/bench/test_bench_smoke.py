@@ -77,6 +77,9 @@ def test_every_path_answered(smoke: tuple[Path, dict[str, Any]]) -> None:
         assert s["throughput"][path]["socket_errors"] == 0, path
     for path in ("floor", "llm", "full"):
         assert isinstance(s["latency"]["paths"][path]["added_p50_ms"], float), path
+    # The full path's CPU is charged to both hops (and the llm path's to llm, not the gateway it skips).
+    assert {"gateway", "llm"} <= set(s["throughput"]["full"]["cpu_us_per_request"])
+    assert "llm" in s["throughput"]["llm"]["cpu_us_per_request"]
     for path in ("direct", "full"):
         assert s["slow_upstream"][path]["ok"] > 0 and s["slow_upstream"][path]["errors"] == 0, path
         assert s["streams"]["paired"]["paths"][path]["failures"] == 0, path
@@ -90,6 +93,7 @@ def test_streams_batch_memory_and_scrapes_are_recorded(smoke: tuple[Path, dict[s
     assert s["streams"]["held"] == levels[-1]["concurrency"]
     assert s["batch"]["platform"]["status"] == "completed"
     assert s["batch"]["platform"]["completed"] == s["batch"]["platform"]["items"]
+    assert {"jobs-worker", "llm"} <= set(s["batch"]["platform"]["cpu_us_per_item"])
     assert s["batch"]["raw_pika"]["consumed"] == s["batch"]["raw_pika"]["messages"]
     for phase in ("rss_idle", "rss_load", "rss_streams"):
         assert set(s[phase]["per_service"]) == {"gateway", "auth", "llm", "jobs", "jobs-worker"}, phase

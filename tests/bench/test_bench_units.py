@@ -112,3 +112,21 @@ def test_missing_figures_are_not_measured_rather_than_met() -> None:
     verdicts = report.evaluate(results_with(latency={"error": "boom"}))
     assert {t["status"] for t in verdicts} == {"not measured"}
     assert all(t["met"] is None for t in verdicts)
+
+
+def test_cpu_per_request_charges_each_group_its_share() -> None:
+    """CPU readings of this very process (its own group) grow with work; the split per request adds up."""
+    import os
+    import time
+
+    groups = {"this test": os.getpgrp()}
+    before = measure.cpu_seconds(groups)
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn 200 ms of CPU
+        pass
+    after = measure.cpu_seconds(groups)
+    assert after["this test"] - before["this test"] >= 0.15
+    per = measure.cpu_per_request(before, after, requests=100)
+    assert per["this test"] >= 1500  # ≥ 150 ms over 100 requests
+    assert per["total"] >= per["this test"]
+    assert measure.cpu_per_request(before, after, requests=0) == {}
