@@ -99,16 +99,31 @@ def chat_body(content: str, **extra: Any) -> str:
     )
 
 
+SCENARIOS = (
+    "rss_idle",
+    "latency",
+    "throughput",
+    "profile",
+    "metrics_scrape",
+    "batch",
+    "slow_upstream",
+    "streams",
+)
+
+
 class Run:
     """One benchmark run over a started stack; every scenario stores its figures (or its error) in `results`."""
 
-    def __init__(self, stack: Stack, sizes: Sizes, out_dir: Path) -> None:
+    def __init__(self, stack: Stack, sizes: Sizes, out_dir: Path, only: frozenset[str] = frozenset()) -> None:
         self.stack, self.sizes, self.out_dir = stack, sizes, out_dir
+        self.only = only
         self.results: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
 
     def scenario(self, name: str, body: Callable[[], Any]) -> None:
-        """Run one scenario; a failure is recorded (the report shows it) and the run goes on."""
+        """Run one scenario (unless `only` names others); a failure is recorded (the report shows it), the run goes on."""
+        if self.only and name not in self.only:
+            return
         print(f"[bench] {name} ...", flush=True)
         started = time.perf_counter()
         try:
@@ -187,6 +202,8 @@ class Run:
         self.scenario("metrics_scrape", self.metrics_scrape)
         self.scenario("batch", lambda: self.batch(json.loads(body)))
 
+        if self.only and not self.only & {"slow_upstream", "streams"}:
+            return
         self.stack.point_llm_at("fakeprovider")
         slow = chat_body(f"A slow upstream #fake:latency_ms={sizes.slow_latency_ms}")
         warm_up(self.provider_targets(chat_body("warm up")))
@@ -532,10 +549,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PROCESS:NAME=VALUE",
         help="extra environment for one platform process (e.g. raised rate limits)",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="SCENARIO,...",
+        help=f"run only these scenarios, into bench/results/tmp unless --out ({', '.join(SCENARIOS)})",
+    )
     args = parser.parse_args(argv)
+    only = frozenset(filter(None, args.only.split(",")))
+    if only - set(SCENARIOS):
+        parser.error(f"--only: unknown scenarios {sorted(only - set(SCENARIOS))}")
     sizes = SMOKE if args.smoke else Sizes()
-    # a smoke run never replaces the committed results of a full run
-    out_dir: Path = (args.out or (RESULTS_DIR / "tmp" if args.smoke else RESULTS_DIR)).resolve()
+    # a smoke or partial run never replaces the committed results of a full run
+    out_dir: Path = (args.out or (RESULTS_DIR / "tmp" if args.smoke or only else RESULTS_DIR)).resolve()
     raise_open_files_limit()  # thousands of streams: every process started from here inherits the limit
 
     started = dt.datetime.now(dt.UTC)
@@ -556,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] stack up in {time.perf_counter() - began:.1f} s", flush=True)
             header["versions"] = versions(stack)
             header["workers"] = worker_settings(stack)
-            run = Run(stack, sizes, out_dir)
+            run = Run(stack, sizes, out_dir, only)
             try:
                 run.all()
             except Exception as exc:  # noqa: BLE001 - keep what was measured before the failure
