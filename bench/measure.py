@@ -351,23 +351,30 @@ BACKING_COMMANDS = {
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each platform process group and each backing service."""
+def cpu_seconds(groups: dict[str, int]) -> dict[str, dict[int, float]]:
+    """CPU seconds (user + system) used so far by each process of each platform group and backing service, by pid."""
     wanted = {pgid: name for name, pgid in groups.items()}
-    used: dict[str, float] = dict.fromkeys([*groups, *BACKING_COMMANDS.values()], 0.0)
+    used: dict[str, dict[int, float]] = {name: {} for name in [*groups, *BACKING_COMMANDS.values()]}
     for pid, stat in process_stats():
         with contextlib.suppress(OSError):
             name = wanted.get(int(stat[2])) or BACKING_COMMANDS.get(Path(f"/proc/{pid}/comm").read_text().strip())
             if name is not None:
-                used[name] += (int(stat[11]) + int(stat[12])) / _TICKS
+                used[name][pid] = (int(stat[11]) + int(stat[12])) / _TICKS
     return used
 
 
-def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int | None) -> dict[str, float]:
-    """Microseconds of CPU each process group spent per request between two `cpu_seconds` readings."""
+def cpu_per_request(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], requests: int | None
+) -> dict[str, float]:
+    """Microseconds of CPU each process group spent per request between two `cpu_seconds` readings. Per process: a
+    process that exited in between is left out (its share is unknown, and its whole past must not be subtracted), one
+    that started in between counts whole."""
     if not requests:
         return {}
-    spent = {name: (after[name] - before.get(name, 0.0)) / requests * 1e6 for name in after}
+    spent = {
+        name: sum(seconds - before.get(name, {}).get(pid, 0.0) for pid, seconds in by_pid.items()) / requests * 1e6
+        for name, by_pid in after.items()
+    }
     shown = {name: round(us) for name, us in sorted(spent.items(), key=lambda item: -item[1]) if us >= 1}
     return shown | {"total": round(sum(spent.values()))}
 

@@ -321,6 +321,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+NOT_RUN = {"error": "not run (--only)"}
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human report: verdicts first, then every figure next to its reference, then the profile."""
     s = results["scenarios"]
@@ -345,7 +348,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(t['ratio'], 4)} | **{t['status']}** | {t['missed_by'] or ''} |"
         )
 
-    m, v, w = results["machine"], results.get("versions", {}), results.get("workers", {})
+    m, v, w = results["machine"], results.get("versions", NOT_RUN), results.get("workers", NOT_RUN)
     lines += [
         "",
         "## Machine, versions, workers",
@@ -365,7 +368,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
 
     lines += ["", "## One request at a time (paired rounds)", "", "![latency](latency.png)", ""]
-    lat = s.get("latency", {})
+    lat = s.get("latency", NOT_RUN)
     if "paths" in lat:
         lines += [
             f"{lat['rounds']} rounds x {lat['per_round']} requests per path, interleaved in shuffled order; "
@@ -383,7 +386,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"Error: {lat.get('error')}")
 
     lines += ["", "## Throughput at 32 connections (wrk)", "", "![throughput](throughput.png)", ""]
-    tp = s.get("throughput", {})
+    tp = s.get("throughput", NOT_RUN)
     floor = _get(tp, "floor", "requests_per_s")
     if "error" not in tp:
         lines += [
@@ -400,7 +403,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"Error: {tp['error']}")
 
-    slow = s.get("slow_upstream", {})
+    slow = s.get("slow_upstream", NOT_RUN)
     lines += ["", "## Slow upstream", ""]
     if "error" not in slow:
         lines += [
@@ -419,7 +422,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"Error: {slow['error']}")
 
-    st = s.get("streams", {})
+    st = s.get("streams", NOT_RUN)
     lines += ["", "## Streams", "", "![streams](streams.png)", ""]
     if "error" not in st:
         paired = st.get("paired", {})
@@ -449,7 +452,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"Error: {st['error']}")
 
-    b = s.get("batch", {})
+    b = s.get("batch", NOT_RUN)
     lines += ["", "## Batch", ""]
     if "error" not in b:
         p, r = b["platform"], b["raw_pika"]
@@ -490,7 +493,7 @@ def markdown(results: dict[str, Any]) -> str:
         "PSS shares pages between forked workers fairly; RSS (the target's measure) counts them once per process."
     )
 
-    scrape = s.get("metrics_scrape", {})
+    scrape = s.get("metrics_scrape", NOT_RUN)
     lines += ["", "## /metrics scrape time (after load)", ""]
     if "error" not in scrape:
         lines += ["| service | p50 ms | p99 ms | bytes |", "|---|---|---|---|"]
@@ -499,7 +502,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"Error: {scrape['error']}")
 
-    prof = s.get("profile", {})
+    prof = s.get("profile", NOT_RUN)
     lines += ["", "## Profile of the full path under load (py-spy)", ""]
     if "error" in prof:
         lines.append(f"Error: {prof['error']}")

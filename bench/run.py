@@ -121,7 +121,7 @@ class Run:
         self.errors: dict[str, str] = {}
 
     def scenario(self, name: str, body: Callable[[], Any]) -> None:
-        """Run one scenario (unless `only` names others); a failure is recorded (the report shows it), the run goes on."""
+        """Run one scenario unless `only` names others; a failure is recorded (the report shows it), the run goes on."""
         if self.only and name not in self.only:
             return
         print(f"[bench] {name} ...", flush=True)
