@@ -21,7 +21,7 @@ from parley_gateway.ratelimit import (
     duration,
 )
 from parley_kit.errors import RateLimited
-from parley_kit.testing import TokenMint, free_port
+from parley_kit.testing import TokenMint, eventually, free_port
 
 CHAT = "/v1/chat/completions"
 
@@ -145,6 +145,31 @@ def limited_client(limited: GatewaySettings) -> Iterator[FlaskClient]:
     app.extensions["parley_gateway"].close()
 
 
+def counted_tokens(client: redis.Redis, key: str, expected: list[int]) -> list[int]:
+    """The token counts in a window hash once the settler's next batch has written them (or what is there after 5 s)."""
+    eventually(lambda: sorted(int(value) for value in client.hvals(key)) == expected, 5, 0.01)
+    return sorted(int(value) for value in client.hvals(key))
+
+
+def test_settlements_are_summed_and_written_in_one_batch(redis_url: str, redis_prefix: str) -> None:
+    """Many answers' tokens reach Redis as one sum per key at the next interval, not one write each; close() writes
+    what is still pending."""
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1, failure_mode="closed", settle_interval=3600)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        user, key = Scope("user", "u1", 0, 1000), Scope("key", "k1", 0, 1000)
+        for tokens in (5, 7, 11):
+            limiter.settle((user, key), tokens)
+        limiter.settle((user,), 100)
+        assert client.hvals(f"{prefix}ratelimit:user:u1:tok") == []  # nothing written before the batch
+        limiter.close()
+        assert [int(v) for v in client.hvals(f"{prefix}ratelimit:user:u1:tok")] == [123]
+        assert [int(v) for v in client.hvals(f"{prefix}ratelimit:key:k1:tok")] == [23]
+    finally:
+        client.close()
+
+
 def key_token(token_mint: TokenMint, **claims: object) -> dict[str, str]:
     """Headers with a fresh user's key token (fresh ids: each test starts with empty counters)."""
     token = token_mint.mint(f"u-{uuid.uuid4().hex[:8]}", key_id=f"k-{uuid.uuid4().hex[:8]}", **claims)
@@ -203,8 +228,8 @@ def test_tokens_are_settled_from_reported_usage(
     first = limited_client.post(CHAT, data=chat("count me #fake:tokens=45"), headers=headers, buffered=True)
     assert first.status_code == 200
     assert first.headers["x-ratelimit-remaining-tokens"] == "40"  # nothing counted before the answer
-    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
-    assert [int(value) for value in counted] == [first.json["usage"]["total_tokens"]]
+    total = first.json["usage"]["total_tokens"]
+    assert counted_tokens(redis_client, f"{limited.redis_prefix}ratelimit:user:{subject}:tok", [total]) == [total]
     assert first.json["usage"]["total_tokens"] > 40
     second = limited_client.post(CHAT, data=chat("again"), headers=headers)
     assert second.status_code == 429
@@ -228,8 +253,8 @@ def test_stream_tokens_are_settled_from_the_last_events(
     response.close()
     usage_line = [line for line in events.split(b"\n\n") if b'"usage":{' in line][-1]
     reported = orjson.loads(usage_line.removeprefix(b"data: "))["usage"]["total_tokens"]
-    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
-    assert [int(value) for value in counted] == [reported]
+    key = f"{limited.redis_prefix}ratelimit:user:{subject}:tok"
+    assert counted_tokens(redis_client, key, [reported]) == [reported]
 
 
 def test_anthropic_stream_tokens_are_input_plus_last_output(
@@ -253,8 +278,8 @@ def test_anthropic_stream_tokens_are_input_plus_last_output(
     started = next(p for p in payloads if p["type"] == "message_start")["message"]["usage"]["input_tokens"]
     finished = [p for p in payloads if p["type"] == "message_delta"][-1]["usage"]["output_tokens"]
     assert finished == 7
-    counted = redis_client.hvals(f"{limited.redis_prefix}ratelimit:user:{subject}:tok")
-    assert [int(value) for value in counted] == [started + finished]
+    key = f"{limited.redis_prefix}ratelimit:user:{subject}:tok"
+    assert counted_tokens(redis_client, key, [started + finished]) == [started + finished]
 
 
 def test_unlimited_routes_and_settings_skip_redis(

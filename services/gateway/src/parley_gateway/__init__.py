@@ -48,9 +48,11 @@ class Gateway:
     limiter: RateLimiter | None
 
     def close(self) -> None:
-        """Stop the background event listener (tests; gunicorn simply exits)."""
+        """Stop the background event listener and write pending token counts (tests; gunicorn workers exit)."""
         if self.listener is not None:
             self.listener.stop()
+        if self.limiter is not None:
+            self.limiter.close()
 
 
 def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
@@ -118,6 +120,7 @@ def build_rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
             failure_mode=settings.rate_limit_failure_mode,
             pool_size=settings.redis_pool_size,
             pool_wait=settings.redis_pool_wait,
+            settle_interval=settings.rate_limit_settle_interval,
         )
     # settings refuse this combination outside development
     log.warning("GATEWAY_REDIS_URL is not set: rate limits are kept per process (development only)")

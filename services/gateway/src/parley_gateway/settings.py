@@ -60,6 +60,8 @@ class GatewaySettings(ServiceSettings):
     rate_limit_key_tpm: int = Field(1_000_000, ge=0)
     rate_limit_user_rpm: int = Field(1200, ge=0)
     rate_limit_user_tpm: int = Field(2_000_000, ge=0)
+    # Tokens are summed per process and written to Redis this often (one round trip for all, not one per request).
+    rate_limit_settle_interval: float = Field(0.05, gt=0, le=5)
     # Redis down: "closed" refuses limited requests with 503, "open" lets them through (both set the degraded gauge).
     rate_limit_failure_mode: Literal["closed", "open"] = "closed"
 
