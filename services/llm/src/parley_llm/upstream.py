@@ -27,6 +27,7 @@ from parley_kit.errors import (
 
 from .catalog import Provider
 from .settings import LlmSettings
+from .transport import Urllib3Transport
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,7 @@ class Upstreams:
             pool=settings.connect_timeout,
         )
         self.total_timeout = settings.total_timeout
-        limits = httpx2.Limits(
-            max_connections=settings.worker_connections,
-            max_keepalive_connections=min(settings.worker_connections, 512),
-        )
+        transport = Urllib3Transport(max_connections=settings.worker_connections)
         self.openai = openai.OpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
@@ -75,14 +73,14 @@ class Upstreams:
             project=None,
             max_retries=0,
             timeout=self.stream_timeout,
-            http_client=openai.DefaultHttpxClient(limits=limits, timeout=self.stream_timeout),
+            http_client=openai.DefaultHttpxClient(transport=transport, timeout=self.stream_timeout),
         )
         self.anthropic = anthropic.Anthropic(
             api_key=settings.anthropic_api_key,
             base_url=settings.anthropic_base_url,
             max_retries=0,
             timeout=self.stream_timeout,
-            http_client=anthropic.DefaultHttpxClient(limits=limits, timeout=self.stream_timeout),
+            http_client=anthropic.DefaultHttpxClient(transport=transport, timeout=self.stream_timeout),
         )
 
     def post(

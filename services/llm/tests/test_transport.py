@@ -1,0 +1,133 @@
+"""The urllib3 transport under the real OpenAI SDK, against raw sockets of the test's own: keep-alive reuse, each way
+the wire can fail mapped to the SDK's own exceptions, and a stream read as it arrives."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx2
+import openai
+import pytest
+
+from parley_kit.testing import LoopbackServer, free_port
+from parley_llm.transport import Urllib3Transport
+
+FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
+ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+
+
+def read_request(connection: socket.socket) -> bytes:
+    """One request's head and body (Content-Length framed), or b"" when the client closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    servers: list[LoopbackServer] = []
+
+    def start(handle: Callable[[socket.socket], None]) -> str:
+        servers.append(LoopbackServer(handle, name="transport-test"))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def sdk(url: str, *, read: float = 5.0) -> openai.OpenAI:
+    timeout = httpx2.Timeout(connect=2.0, read=read, write=2.0, pool=2.0)
+    transport = Urllib3Transport(max_connections=4)
+    return openai.OpenAI(
+        api_key="sk-test",
+        base_url=f"{url}/v1",
+        max_retries=0,
+        timeout=timeout,
+        http_client=openai.DefaultHttpxClient(transport=transport, timeout=timeout),
+    )
+
+
+def post(client: openai.OpenAI, *, stream: bool = False) -> httpx2.Response:
+    return client.post("/chat/completions", cast_to=httpx2.Response, content=b"{}", stream=stream, options={})
+
+
+def test_answers_reuse_one_keep_alive_connection_and_carry_the_sdk_headers(serve) -> None:  # type: ignore[no-untyped-def]
+    connections: list[int] = []
+    heads: list[bytes] = []
+
+    def handle(connection: socket.socket) -> None:
+        connections.append(1)
+        while head := read_request(connection):
+            heads.append(head)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(ANSWER), ANSWER)
+            )
+
+    client = sdk(serve(handle))
+    for _ in range(5):
+        response = post(client)
+        assert response.status_code == 200
+        assert response.read() == ANSWER
+    assert len(connections) == 1
+    assert heads[0].startswith(b"POST /v1/chat/completions HTTP/1.1")
+    assert b"authorization: bearer sk-test" in heads[0].lower()
+    assert b"x-stainless-lang" in heads[0].lower()
+
+
+def test_a_stream_is_read_chunk_by_chunk_as_it_arrives(serve) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    def handle(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        connection.sendall(b"%x\r\n%s\r\n" % (len(FIRST), FIRST))
+        release.wait(10)  # the second event is only sent once the client has seen the first
+        connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(SECOND), SECOND))
+
+    response = post(sdk(serve(handle)), stream=True)
+    chunks = response.iter_bytes()
+    assert next(chunks) == FIRST
+    release.set()
+    assert b"".join(chunks) == SECOND
+
+
+def test_a_refused_connection_is_an_api_connection_error() -> None:
+    with pytest.raises(openai.APIConnectionError) as caught:
+        post(sdk(f"http://127.0.0.1:{free_port()}"))
+    assert not isinstance(caught.value, openai.APITimeoutError)
+
+
+def test_no_answer_within_the_read_timeout_is_an_api_timeout_error(serve) -> None:  # type: ignore[no-untyped-def]
+    def handle(connection: socket.socket) -> None:
+        read_request(connection)
+        time.sleep(2)
+
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        post(sdk(serve(handle), read=0.3))
+    assert time.monotonic() - started < 1.5
+
+
+def test_an_answer_cut_mid_body_is_an_error_not_a_short_body(serve) -> None:  # type: ignore[no-untyped-def]
+    def handle(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":')
+
+    response = post(sdk(serve(handle)), stream=True)
+    with pytest.raises(httpx2.TransportError):
+        response.read()
