@@ -79,9 +79,15 @@ def ensure_sqlite_directory(url: str) -> None:
 
 
 class Database:
-    """An engine and a session factory for one service's database, created after the worker forks."""
+    """An engine and a session factory for one service's database, created after the worker forks.
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    `pre_ping` tests each pooled connection with a round trip before lending it out. A service whose every database
+    touch on the hot path is retried on a lost connection (`retry_lost_connection`) or may answer 503 can turn it off
+    and save that round trip per request: a dropped connection then fails its first use, and SQLAlchemy discards the
+    rest of the pool's older connections with it.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 10, pre_ping: bool = True) -> None:
         self.url = url
         ensure_sqlite_directory(url)
         if url.startswith("sqlite"):
@@ -92,7 +98,7 @@ class Database:
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         else:
             self.engine = create_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping, pool_recycle=1800
             )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 

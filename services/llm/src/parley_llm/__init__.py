@@ -49,7 +49,9 @@ def create_app(settings: LlmSettings | None = None) -> OpenAPI:
 def build_state(settings: LlmSettings) -> LlmState:
     """Everything a worker builds once after fork; a bad models file stops the service here."""
     catalog = load_catalog(settings.models_file)
-    db = Database(settings.database_url)
+    # No ping per checkout (a round trip on every call): the usage write and the idempotency claim retry on a lost
+    # connection, the budget list reload too; anything else answers 503 once and the pool is renewed.
+    db = Database(settings.database_url, pre_ping=False)
     upstreams = Upstreams(settings)
     policy = RetryPolicy(
         max_attempts=settings.max_attempts,

@@ -21,7 +21,7 @@ from prometheus_client import Gauge
 from sqlalchemy import Connection, Engine, and_, bindparam, case, exists, select, update
 from sqlalchemy.orm import Session
 
-from parley_kit.db import UTCDateTime, utcnow
+from parley_kit.db import UTCDateTime, retry_lost_connection, utcnow
 from parley_kit.errors import BudgetExceeded
 
 from .models import Budget, budgets
@@ -142,11 +142,14 @@ class BudgetDirectory:
         if time.monotonic() - self._loaded_at > self.ttl:
             with self._lock:
                 if time.monotonic() - self._loaded_at > self.ttl:
-                    with self.engine.connect() as connection:
-                        rows = connection.execute(select(budgets.c.scope, budgets.c.subject_id))
-                        self._subjects = frozenset((r.scope, r.subject_id) for r in rows)
+                    self._subjects = retry_lost_connection(self._load)
                     self._loaded_at = time.monotonic()
         return tuple(s for s in wanted if s in self._subjects)
+
+    def _load(self) -> frozenset[tuple[str, str]]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(budgets.c.scope, budgets.c.subject_id))
+            return frozenset((r.scope, r.subject_id) for r in rows)
 
 
 def reserve(

@@ -106,22 +106,27 @@ class Ledger:
 
     def _write(self, ctx: CallContext, record: CallRecord, cost: Decimal, elapsed: float) -> None:
         """One transaction: the usage row (once per call) and, with it, the budget settlement."""
+        row = {
+            "call_id": ctx.call_id,
+            "request_id": ctx.request_id,
+            "user_id": ctx.user_id,
+            "key_id": ctx.key_id,
+            "operation": ctx.operation,
+            "deployment": ctx.deployment,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "cost_usd": cost,
+            "latency_ms": int(elapsed * 1000),
+            "status": record.status,
+            "price_version": self.price_version,
+        }
+        if ctx.reservation is None and self.engine.dialect.name == "postgresql":
+            # A lone INSERT is its own transaction: autocommit spares the BEGIN and COMMIT round trips.
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                service.record_usage(connection, **row)
+            return
         with self.engine.begin() as connection:
-            written = service.record_usage(
-                connection,
-                call_id=ctx.call_id,
-                request_id=ctx.request_id,
-                user_id=ctx.user_id,
-                key_id=ctx.key_id,
-                operation=ctx.operation,
-                deployment=ctx.deployment,
-                input_tokens=record.input_tokens,
-                output_tokens=record.output_tokens,
-                cost_usd=cost,
-                latency_ms=int(elapsed * 1000),
-                status=record.status,
-                price_version=self.price_version,
-            )
+            written = service.record_usage(connection, **row)
             if written and ctx.reservation is not None:
                 budgets.settle(connection, ctx.reservation, cost_nusd=budgets.to_nano(cost), now=utcnow())
         ctx.reservation = None  # settled (or, with the row already there, settled by the attempt that wrote it)
