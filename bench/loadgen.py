@@ -5,7 +5,7 @@ module) with the harness. Two modes, both bounded in count and time:
 
 - `closed`: `concurrency` clients each send requests back to back until `duration` s or `max_requests` in total.
 - `streams`: `concurrency` streaming requests started within `ramp` s, each read to its end; records the time to
-  the first SSE `data:` line and the gaps between the following ones.
+  the first SSE `data:` line, the gaps between the following ones, and when each stream opened and closed.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
     def one(index: int) -> None:
         gevent.sleep(ramp * index / max(count, 1))
         outcome: dict[str, Any] = {"status": None, "ttft_s": None, "gaps_s": [], "done": False, "error": None}
+        outcome["opened_s"] = time.perf_counter() - began
         try:
             connection, path = connect(spec["url"], spec["timeout"])
             started = time.perf_counter()
@@ -103,14 +104,15 @@ def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
             connection.close()
         except (OSError, http.client.HTTPException) as exc:
             outcome["error"] = type(exc).__name__
+        outcome["closed_s"] = time.perf_counter() - began
         results.append(outcome)
 
     pool = Pool(count)
-    started = time.perf_counter()
+    began = time.perf_counter()
     for index in range(count):
         pool.spawn(one, index)
     pool.join(timeout=spec["timeout"] + ramp + 5)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - began
     pool.kill(timeout=2)
     return {"elapsed_s": elapsed, "streams": results, "requested": count}
 

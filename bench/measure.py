@@ -290,9 +290,20 @@ def streams(target: Target, *, concurrency: int, ramp: float, timeout: float) ->
         "statuses": dict(statuses),
         "errors": dict(errors),
         "elapsed_s": round(raw["elapsed_s"], 3),
+        "peak_open": peak_open([(s["opened_s"], s["closed_s"]) for s in completed]),
         "ttft": summary_ms([s["ttft_s"] for s in completed]),
         "inter_chunk": summary_ms([gap for s in completed for gap in s["gaps_s"]]),
     }
+
+
+def peak_open(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals (opened, closed) open at one instant: streams held at the same time."""
+    events = sorted([(opened, 1) for opened, _ in intervals] + [(closed, -1) for _, closed in intervals])
+    peak = current = 0
+    for _, change in events:  # at equal times a close (-1) sorts first: touching intervals do not overlap
+        current += change
+        peak = max(peak, current)
+    return peak
 
 
 # ----- processes: RSS, py-spy ----------------------------------------------------------------------------------

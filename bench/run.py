@@ -64,6 +64,12 @@ class Sizes:
     stream_tokens: int = 20
     stream_chunk_delay_ms: int = 100
     stream_ramp: float = 1.0
+    # Held streams: the target's count, arriving over `held_ramp` s (a rate the path serves) and each lasting past the
+    # ramp's end, so that all are open at once; one event a second while held.
+    held_streams: int = 2000
+    held_ramp: float = 20.0
+    held_tokens: int = 25
+    held_chunk_delay_ms: int = 1000
 
 
 SMOKE = Sizes(
@@ -87,6 +93,10 @@ SMOKE = Sizes(
     stream_tokens=3,
     stream_chunk_delay_ms=20,
     stream_ramp=0.1,
+    held_streams=10,
+    held_ramp=0.2,
+    held_tokens=3,
+    held_chunk_delay_ms=100,
 )
 
 STREAM_TARGET_LEVEL = 2000
@@ -307,12 +317,13 @@ class Run:
             rounds=sizes.ttft_rounds,
             per_round=sizes.ttft_per_round,
         )
+        held = self.held_streams(options)
         long = f"#fake:tokens={sizes.stream_tokens} #fake:chunk_delay_ms={sizes.stream_chunk_delay_ms}"
         direct, full = self.provider_targets(chat_body(f"Hold this stream {long}", **options))
         stream_seconds = sizes.stream_tokens * sizes.stream_chunk_delay_ms / 1000
         timeout = stream_seconds * 4 + 30
         levels: list[dict[str, Any]] = []
-        held = 0
+        burst_held = 0
         for level in sizes.stream_levels:
             reference = measure.streams(direct, concurrency=level, ramp=sizes.stream_ramp, timeout=timeout)
             through, memory = during(
@@ -335,13 +346,42 @@ class Run:
             self.results["rss_streams"] = memory | {"concurrency": level}
             if through["failed"]:
                 break
-            held = level
+            burst_held = level
         return {
             "paired": paired,
+            "held_streams": held,
             "levels": levels,
-            "held": held,
+            "burst_held": burst_held,
             "stream_seconds": stream_seconds,
             "target_level": STREAM_TARGET_LEVEL,
+        }
+
+    def held_streams(self, options: dict[str, Any]) -> dict[str, Any]:
+        """`held_streams` streams arriving evenly over `held_ramp` s and all open together at its end, direct and
+        through the gateway: the most open at once, and the added TTFT p99 over every one of them."""
+        sizes = self.sizes
+        paced = f"#fake:tokens={sizes.held_tokens} #fake:chunk_delay_ms={sizes.held_chunk_delay_ms}"
+        direct, full = self.provider_targets(chat_body(f"Hold this stream {paced}", **options))
+        stream_seconds = sizes.held_tokens * sizes.held_chunk_delay_ms / 1000
+        timeout = stream_seconds * 2 + sizes.held_ramp + 30
+        run = {"concurrency": sizes.held_streams, "ramp": sizes.held_ramp, "timeout": timeout}
+        reference = measure.streams(direct, **run)
+        through, memory = during(
+            lambda: measure.streams(full, **run),
+            lambda: measure.group_memory(self.platform_groups()),
+            at=sizes.held_ramp + 1,
+        )
+        added = None
+        if through["ttft"]["p99_ms"] is not None and reference["ttft"]["p99_ms"] is not None:
+            added = round(through["ttft"]["p99_ms"] - reference["ttft"]["p99_ms"], 3)
+        return {
+            "streams": sizes.held_streams,
+            "arrivals_per_s": round(sizes.held_streams / sizes.held_ramp, 1),
+            "stream_seconds": stream_seconds,
+            "direct": reference,
+            "full": through,
+            "added_ttft_p99_ms": added,
+            "rss_mb": memory["total_rss_mb"],
         }
 
 

@@ -90,7 +90,11 @@ def test_streams_batch_memory_and_scrapes_are_recorded(smoke: tuple[Path, dict[s
     levels = s["streams"]["levels"]
     assert [level["concurrency"] for level in levels] == smoke[1]["sizes"]["stream_levels"]
     assert all(level["full"]["failed"] == 0 and level["direct"]["failed"] == 0 for level in levels)
-    assert s["streams"]["held"] == levels[-1]["concurrency"]
+    assert s["streams"]["burst_held"] == levels[-1]["concurrency"]
+    held = s["streams"]["held_streams"]
+    for path in ("direct", "full"):  # the ramp is shorter than a stream: every one is open at the ramp's end
+        assert held[path]["failed"] == 0, path
+        assert held[path]["peak_open"] == smoke[1]["sizes"]["held_streams"], path
     assert s["batch"]["platform"]["status"] == "completed"
     assert s["batch"]["platform"]["completed"] == s["batch"]["platform"]["items"]
     assert {"jobs-worker", "llm"} <= set(s["batch"]["platform"]["cpu_us_per_item"])

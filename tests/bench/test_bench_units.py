@@ -72,16 +72,13 @@ def test_targets_met_and_missed_with_the_margin() -> None:
         throughput={"full": {"requests_per_s": 1000.0, "non_2xx": 0}, "floor": {"requests_per_s": 12000.0}},
         slow_upstream={"full": {"ok_per_s": 7.0}, "direct": {"ok_per_s": 8.0}},
         streams={
-            "held": 2500,
             "target_level": 2000,
-            "levels": [
-                {
-                    "concurrency": 2000,
-                    "full": {"failed": 0},
-                    "direct": {"ttft": {"p99_ms": 10.0}},
-                    "added_ttft_p99_ms": 20.0,
-                },
-            ],
+            "held_streams": {
+                "arrivals_per_s": 100.0,
+                "full": {"peak_open": 2000, "failed": 0},
+                "direct": {"ttft": {"p99_ms": 10.0}},
+                "added_ttft_p99_ms": 20.0,
+            },
         },
         batch={"platform": {"items_per_s": 600.0}, "raw_pika": {"messages_per_s": 1000.0}},
         rss_idle={"total_rss_mb": 400.0},
@@ -106,6 +103,26 @@ def test_refused_requests_void_the_throughput_target() -> None:
     verdict = next(t for t in report.evaluate(results) if t["id"] == "full_throughput")
     assert verdict["met"] is False
     assert "12 non-2xx" in verdict["missed_by"]
+
+
+def test_streams_count_as_held_only_when_all_are_open_at_once_and_none_failed() -> None:
+    def verdict(peak: int, failed: int, added: float) -> dict[str, Any]:
+        held = {"full": {"peak_open": peak, "failed": failed}, "direct": {}, "added_ttft_p99_ms": added}
+        results = results_with(streams={"target_level": 2000, "held_streams": held})
+        return next(t for t in report.evaluate(results) if t["id"] == "streams_held")
+
+    assert verdict(2000, 0, 49.9)["met"] is True
+    assert verdict(1999, 0, 10.0)["met"] is False
+    assert "1999 of 2000" in verdict(1999, 0, 10.0)["missed_by"]
+    assert verdict(2000, 1, 10.0)["met"] is False
+    assert verdict(2000, 0, 50.0)["met"] is False
+
+
+def test_peak_open_counts_overlapping_streams() -> None:
+    assert measure.peak_open([]) == 0
+    assert measure.peak_open([(0, 2), (1, 3), (2.5, 4)]) == 2
+    assert measure.peak_open([(0, 1), (1, 2)]) == 1  # one closes as the next opens
+    assert measure.peak_open([(0, 10)] + [(i, i + 0.5) for i in range(5)]) == 2
 
 
 def test_missing_figures_are_not_measured_rather_than_met() -> None:
