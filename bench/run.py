@@ -95,7 +95,7 @@ SMOKE = Sizes(
     stream_ramp=0.1,
     held_streams=10,
     held_ramp=0.2,
-    held_tokens=3,
+    held_tokens=5,  # 0.5 s: well past the 0.2 s ramp, so all are open together even on a loaded machine
     held_chunk_delay_ms=100,
 )
 
