@@ -364,7 +364,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(t['ratio'], 4)} | **{t['status']}** | {t['missed_by'] or ''} |"
         )
 
-    m, v, w = results["machine"], results.get("versions", NOT_RUN), results.get("workers", NOT_RUN)
+    m, v, w = results["machine"], results.get("versions", {}), results.get("workers", {})
     lines += [
         "",
         "## Machine, versions, workers",

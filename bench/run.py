@@ -331,15 +331,12 @@ class Run:
                 lambda: measure.group_memory(self.platform_groups()),
                 at=sizes.stream_ramp + stream_seconds / 2,
             )
-            added = None
-            if through["ttft"]["p99_ms"] is not None and reference["ttft"]["p99_ms"] is not None:
-                added = round(through["ttft"]["p99_ms"] - reference["ttft"]["p99_ms"], 3)
             levels.append(
                 {
                     "concurrency": level,
                     "direct": reference,
                     "full": through,
-                    "added_ttft_p99_ms": added,
+                    "added_ttft_p99_ms": added_ttft_p99(reference, through),
                     "rss_mb": memory["total_rss_mb"],
                 }
             )
@@ -371,18 +368,22 @@ class Run:
             lambda: measure.group_memory(self.platform_groups()),
             at=sizes.held_ramp + 1,
         )
-        added = None
-        if through["ttft"]["p99_ms"] is not None and reference["ttft"]["p99_ms"] is not None:
-            added = round(through["ttft"]["p99_ms"] - reference["ttft"]["p99_ms"], 3)
         return {
             "streams": sizes.held_streams,
             "arrivals_per_s": round(sizes.held_streams / sizes.held_ramp, 1),
             "stream_seconds": stream_seconds,
             "direct": reference,
             "full": through,
-            "added_ttft_p99_ms": added,
+            "added_ttft_p99_ms": added_ttft_p99(reference, through),
             "rss_mb": memory["total_rss_mb"],
         }
+
+
+def added_ttft_p99(reference: dict[str, Any], through: dict[str, Any]) -> float | None:
+    """What the full path adds to the direct path's TTFT p99 (None when either has no completed stream)."""
+    if through["ttft"]["p99_ms"] is None or reference["ttft"]["p99_ms"] is None:
+        return None
+    return round(through["ttft"]["p99_ms"] - reference["ttft"]["p99_ms"], 3)
 
 
 def during(work: Callable[[], Any], sample: Callable[[], Any], *, at: float) -> tuple[Any, Any]:
