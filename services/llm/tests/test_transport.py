@@ -13,7 +13,10 @@ import openai
 import pytest
 
 from parley_kit.testing import LoopbackServer, free_port
+from parley_llm.catalog import Provider
+from parley_llm.settings import LlmSettings
 from parley_llm.transport import Urllib3Transport
+from parley_llm.upstream import Upstreams
 
 FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
 ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
@@ -131,3 +134,26 @@ def test_an_answer_cut_mid_body_is_an_error_not_a_short_body(serve) -> None:  # 
     response = post(sdk(serve(handle)), stream=True)
     with pytest.raises(httpx2.TransportError):
         response.read()
+
+
+def test_with_an_egress_proxy_configured_provider_calls_go_through_it(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """httpx honours HTTP_PROXY only with its own transport, so Upstreams keeps it where a proxy is set: the call
+    reaches the proxy (the provider's host does not even resolve)."""
+    seen: list[bytes] = []
+
+    def proxy(connection: socket.socket) -> None:
+        seen.append(read_request(connection))
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+        )
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
+    upstreams = Upstreams(LlmSettings(openai_base_url="http://provider.invalid/v1", openai_api_key="sk-test"))
+    try:
+        answer = upstreams.post(Provider.OPENAI, "/chat/completions", b"{}", stream=False)
+        assert answer.content == ANSWER
+    finally:
+        upstreams.close()
+    assert seen and seen[0].startswith(b"POST http://provider.invalid/v1/chat/completions HTTP/1.1")

@@ -7,6 +7,7 @@ skip its response models entirely, forwarding the provider's bytes. SDK retries 
 from __future__ import annotations
 
 import logging
+import urllib.request
 from typing import Any
 
 import anthropic
@@ -65,7 +66,15 @@ class Upstreams:
             pool=settings.connect_timeout,
         )
         self.total_timeout = settings.total_timeout
-        transport = Urllib3Transport(max_connections=settings.worker_connections)
+        # httpx honours HTTP(S)_PROXY and ALL_PROXY only with its own transport: where an egress proxy is configured,
+        # the SDKs keep httpx's (the urllib3 one is for the direct path).
+        limits = httpx2.Limits(
+            max_connections=settings.worker_connections,
+            max_keepalive_connections=min(settings.worker_connections, 512),
+        )
+        transport = (
+            None if urllib.request.getproxies() else Urllib3Transport(max_connections=settings.worker_connections)
+        )
         self.openai = openai.OpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
@@ -73,14 +82,14 @@ class Upstreams:
             project=None,
             max_retries=0,
             timeout=self.stream_timeout,
-            http_client=openai.DefaultHttpxClient(transport=transport, timeout=self.stream_timeout),
+            http_client=openai.DefaultHttpxClient(transport=transport, limits=limits, timeout=self.stream_timeout),
         )
         self.anthropic = anthropic.Anthropic(
             api_key=settings.anthropic_api_key,
             base_url=settings.anthropic_base_url,
             max_retries=0,
             timeout=self.stream_timeout,
-            http_client=anthropic.DefaultHttpxClient(transport=transport, timeout=self.stream_timeout),
+            http_client=anthropic.DefaultHttpxClient(transport=transport, limits=limits, timeout=self.stream_timeout),
         )
 
     def post(
