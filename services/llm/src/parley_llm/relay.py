@@ -18,6 +18,7 @@ import httpx2
 import orjson
 from sqlalchemy import Engine
 
+from parley_kit.batching import GroupCommit
 from parley_kit.db import retry_lost_connection, utcnow
 from parley_kit.errors import ParleyError, UpstreamError
 
@@ -70,6 +71,7 @@ class Ledger:
         self.price_version = price_version
         self.directory = budgets.BudgetDirectory(engine, budget_cache_seconds)
         self.default_max_tokens = default_max_tokens
+        self._rows: GroupCommit[dict[str, Any]] = GroupCommit(self._write_rows, name="usage")
 
     def reserve(self, ctx: CallContext) -> None:
         """Hold the call's estimated cost on the caller's budgets (none: no database work); 429 when over."""
@@ -89,9 +91,11 @@ class Ledger:
     def settle(self, ctx: CallContext, record: CallRecord, first_chunk: float | None = None) -> None:
         """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response.
 
-        The usage row and the budget settlement commit together. A connection lost on the way (a database restart,
-        a killed backend) is retried on a fresh one: the row's call id makes a retry after an ambiguous commit write
-        nothing, and its budget settlement, committed with it, is not repeated either.
+        A call holding a reservation writes its usage row and the budget settlement in one transaction. Any other
+        call's row goes through the group commit: written at once when no write is in progress, or with the rows of
+        the calls that finish meanwhile, in one INSERT. A connection lost on the way (a database restart, a killed
+        backend) is retried on a fresh one: the row's call id makes a retry after an ambiguous commit write nothing,
+        and its budget settlement, committed with it, is not repeated either.
         """
         elapsed = time.perf_counter() - ctx.started
         cost = service.price(ctx.deployment, input_tokens=record.input_tokens, output_tokens=record.output_tokens)
@@ -99,37 +103,48 @@ class Ledger:
             observe(record, duration=elapsed, first_chunk=first_chunk, cost=float(cost), user_id=ctx.user_id)
         except Exception:
             log.exception("could not record call metrics", extra={"http.request.id": ctx.request_id})
+        row = service.usage_row(
+            call_id=ctx.call_id,
+            request_id=ctx.request_id,
+            user_id=ctx.user_id,
+            key_id=ctx.key_id,
+            operation=ctx.operation,
+            deployment=ctx.deployment,
+            input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
+            cost_usd=cost,
+            latency_ms=int(elapsed * 1000),
+            status=record.status,
+            price_version=self.price_version,
+        )
+        if ctx.reservation is None:
+            self._rows.add(row)
+            return
         try:
-            retry_lost_connection(lambda: self._write(ctx, record, cost, elapsed))
+            retry_lost_connection(lambda: self._write_settled(ctx, row, cost))
         except Exception:
             log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
 
-    def _write(self, ctx: CallContext, record: CallRecord, cost: Decimal, elapsed: float) -> None:
+    def _write_settled(self, ctx: CallContext, row: dict[str, Any], cost: Decimal) -> None:
         """One transaction: the usage row (once per call) and, with it, the budget settlement."""
-        row = {
-            "call_id": ctx.call_id,
-            "request_id": ctx.request_id,
-            "user_id": ctx.user_id,
-            "key_id": ctx.key_id,
-            "operation": ctx.operation,
-            "deployment": ctx.deployment,
-            "input_tokens": record.input_tokens,
-            "output_tokens": record.output_tokens,
-            "cost_usd": cost,
-            "latency_ms": int(elapsed * 1000),
-            "status": record.status,
-            "price_version": self.price_version,
-        }
-        if ctx.reservation is None and self.engine.dialect.name == "postgresql":
-            # A lone INSERT is its own transaction: autocommit spares the BEGIN and COMMIT round trips.
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                service.record_usage(connection, **row)
-            return
         with self.engine.begin() as connection:
-            written = service.record_usage(connection, **row)
+            written = service.record_usage(connection, row)
             if written and ctx.reservation is not None:
                 budgets.settle(connection, ctx.reservation, cost_nusd=budgets.to_nano(cost), now=utcnow())
         ctx.reservation = None  # settled (or, with the row already there, settled by the attempt that wrote it)
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Usage rows without a budget to settle: one INSERT for all of them, retried on a lost connection."""
+        retry_lost_connection(lambda: self._insert(rows))
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        if self.engine.dialect.name == "postgresql":
+            # A lone INSERT is its own transaction: autocommit spares the BEGIN and COMMIT round trips.
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                service.record_usages(connection, rows)
+            return
+        with self.engine.begin() as connection:
+            service.record_usages(connection, rows)
 
 
 def estimate_prompt_words(body: dict[str, Any]) -> int:

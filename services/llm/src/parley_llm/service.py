@@ -15,13 +15,13 @@ from parley_kit.db import utcnow
 from .catalog import Deployment
 from .models import UsageRecord, usage_records
 
-# INSERT … ON CONFLICT (call_id) DO NOTHING RETURNING id, per dialect: a retried settlement writes its row once.
-_INSERT_ONCE = {
-    dialect: module.insert(usage_records)
-    .on_conflict_do_nothing(index_elements=["call_id"])
-    .returning(usage_records.c.id)
+# INSERT … ON CONFLICT (call_id) DO NOTHING, per dialect: a retried settlement writes its row once. With RETURNING
+# for a lone row (did it write?); without, for many (SQLAlchemy sends them as one multi-row INSERT).
+_INSERT_MANY_ONCE = {
+    dialect: module.insert(usage_records).on_conflict_do_nothing(index_elements=["call_id"])
     for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+_INSERT_ONCE = {dialect: insert.returning(usage_records.c.id) for dialect, insert in _INSERT_MANY_ONCE.items()}
 
 
 def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> Decimal:
@@ -29,8 +29,7 @@ def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> D
     return deployment.cost(input_tokens, output_tokens).quantize(Decimal("1e-9"))
 
 
-def record_usage(
-    connection: Connection,
+def usage_row(
     *,
     call_id: str,
     request_id: str,
@@ -44,30 +43,36 @@ def record_usage(
     latency_ms: int,
     status: str,
     price_version: str,
-) -> bool:
+) -> dict[str, Any]:
+    """One call's usage row, as the ledger table stores it."""
+    return {
+        "call_id": call_id,
+        "request_id": request_id,
+        "user_id": user_id,
+        "key_id": key_id,
+        "operation": operation,
+        "model": deployment.name,
+        "provider": deployment.provider.value,
+        "upstream_model": deployment.upstream_model,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cost_usd": cost_usd,
+        "latency_ms": latency_ms,
+        "status": status,
+        "price_version": price_version,
+        "created_at": utcnow(),
+    }
+
+
+def record_usage(connection: Connection, row: dict[str, Any]) -> bool:
     """Write one call's usage row with a single Core INSERT (no ORM unit of work on the hot path); False when the
     call's row is already there (an earlier attempt committed)."""
-    inserted = connection.execute(
-        _INSERT_ONCE[connection.dialect.name],
-        {
-            "call_id": call_id,
-            "request_id": request_id,
-            "user_id": user_id,
-            "key_id": key_id,
-            "operation": operation,
-            "model": deployment.name,
-            "provider": deployment.provider.value,
-            "upstream_model": deployment.upstream_model,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cost_usd": cost_usd,
-            "latency_ms": latency_ms,
-            "status": status,
-            "price_version": price_version,
-            "created_at": utcnow(),
-        },
-    ).first()
-    return inserted is not None
+    return connection.execute(_INSERT_ONCE[connection.dialect.name], row).first() is not None
+
+
+def record_usages(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Write many calls' usage rows in one multi-row INSERT; a row whose call is already there is skipped."""
+    connection.execute(_INSERT_MANY_ONCE[connection.dialect.name], rows)
 
 
 def usage_by_day(
