@@ -33,10 +33,11 @@ def test_completion_passes_through(client: FlaskClient, bearer: dict[str, str]) 
 
 
 def test_stream_is_relayed_chunk_by_chunk(client: FlaskClient, bearer: dict[str, str]) -> None:
-    """An SSE answer is a generator relay: chunks come out one by one and the stream ends with [DONE]."""
+    """An SSE answer is a generator relay: chunks come out as they arrive (here 20 ms apart, so one by one; what
+    arrives together may leave together) and the stream ends with [DONE]."""
     response = client.post(
         CHAT,
-        data=chat("hi #fake:tokens=5", stream=True),
+        data=chat("hi #fake:tokens=5 #fake:chunk_delay_ms=20", stream=True),
         headers={**bearer, "Content-Type": "application/json"},
         buffered=False,
     )

@@ -6,13 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import httpx2
 import openai
 import pytest
 
-from parley_kit.testing import LoopbackServer, free_port
+from parley_kit.testing import free_port
+from parley_kit.testing import read_http_request as read_request
 from parley_llm.catalog import Provider
 from parley_llm.settings import LlmSettings
 from parley_llm.transport import Urllib3Transport
@@ -20,36 +20,6 @@ from parley_llm.upstream import Upstreams
 
 FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
 ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
-
-
-def read_request(connection: socket.socket) -> bytes:
-    """One request's head and body (Content-Length framed), or b"" when the client closed."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        if not chunk:
-            return b""
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
-    )
-    while len(body) < length:
-        body += connection.recv(65536)
-    return head
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
-    servers: list[LoopbackServer] = []
-
-    def start(handle: Callable[[socket.socket], None]) -> str:
-        servers.append(LoopbackServer(handle, name="transport-test"))
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def sdk(url: str, *, read: float = 5.0) -> openai.OpenAI:

@@ -146,6 +146,39 @@ class LoopbackServer:
         self._server.server_close()
 
 
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """`serve(handle)` starts a `LoopbackServer` giving each connection to `handle` and returns its URL; every
+    server started is closed after the test."""
+    servers: list[LoopbackServer] = []
+
+    def start(handle: Callable[[socket.socket], None]) -> str:
+        servers.append(LoopbackServer(handle, name="test-server"))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def read_http_request(connection: socket.socket) -> bytes:
+    """For a `LoopbackServer` handler: one HTTP request's head (its Content-Length body read and dropped), or b""
+    when the client closed the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
+
+
 def eventually(condition: Any, seconds: float = 30.0, step: float = 0.1) -> bool:
     """Poll `condition` until it holds (True) or `seconds` pass (False): for what travels asynchronously (events,
     shipped logs, restarts), without asserting how long it took."""

@@ -21,6 +21,7 @@ from . import routing
 from .cors import Cors
 from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
 from .docs import SpecCache, docs_blueprint
+from .forward import ForwardClient
 from .headers import SECURITY_HEADERS
 from .metrics import start_known_series_at_zero
 from .proxy import Proxy
@@ -42,6 +43,7 @@ class Gateway:
 
     settings: GatewaySettings
     upstreams: dict[Upstream, ServiceClient]
+    forwarders: dict[Upstream, ForwardClient]
     authenticator: EdgeAuthenticator
     proxy: Proxy
     listener: Consumer | None
@@ -53,6 +55,8 @@ class Gateway:
             self.listener.stop()
         if self.limiter is not None:
             self.limiter.close()
+        for forwarder in self.forwarders.values():
+            forwarder.close()
 
 
 def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
@@ -66,20 +70,26 @@ def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
     register_security_headers(app)
     register_docs(app, settings, upstreams)
     listener = start_revocations(settings, authenticator)
-    proxy = mount_proxy(app, settings, upstreams, authenticator, limiter)
+    forwarders = build_forwarders(settings)
+    proxy = mount_proxy(app, settings, forwarders, authenticator, limiter)
     mount_cors(app, settings)
-    app.extensions["parley_gateway"] = Gateway(settings, upstreams, authenticator, proxy, listener, limiter)
+    app.extensions["parley_gateway"] = Gateway(settings, upstreams, forwarders, authenticator, proxy, listener, limiter)
     start_known_series_at_zero()
     return app
 
 
-def build_upstreams(settings: GatewaySettings) -> dict[Upstream, ServiceClient]:
-    """One pooled keep-alive client per upstream service, each with its own read timeout."""
-    read_timeouts = {
+def _upstream_timeouts(settings: GatewaySettings) -> dict[Upstream, tuple[str, float]]:
+    return {
         Upstream.AUTH: (settings.auth_url, settings.auth_read_timeout),
         Upstream.LLM: (settings.llm_url, settings.llm_read_timeout),
         Upstream.JOBS: (settings.jobs_url, settings.jobs_read_timeout),
     }
+
+
+def build_upstreams(settings: GatewaySettings) -> dict[Upstream, ServiceClient]:
+    """One pooled keep-alive client per upstream service, each with its own read timeout (key exchange, docs,
+    probes)."""
+    read_timeouts = _upstream_timeouts(settings)
     return {
         upstream: ServiceClient(
             url,
@@ -89,6 +99,20 @@ def build_upstreams(settings: GatewaySettings) -> dict[Upstream, ServiceClient]:
             max_connections=settings.upstream_pool_size,
         )
         for upstream, (url, read_timeout) in read_timeouts.items()
+    }
+
+
+def build_forwarders(settings: GatewaySettings) -> dict[Upstream, ForwardClient]:
+    """The proxy's hop to each service: as many pooled connections as a worker takes clients (streams hold one)."""
+    return {
+        upstream: ForwardClient(
+            url,
+            name=upstream.value,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=settings.worker_connections,
+        )
+        for upstream, (url, read_timeout) in _upstream_timeouts(settings).items()
     }
 
 
@@ -178,14 +202,14 @@ def start_revocations(settings: GatewaySettings, authenticator: EdgeAuthenticato
 def mount_proxy(
     app: Flask,
     settings: GatewaySettings,
-    upstreams: dict[Upstream, ServiceClient],
+    forwarders: dict[Upstream, ForwardClient],
     authenticator: EdgeAuthenticator,
     limiter: RateLimiter | None,
 ) -> Proxy:
     """Put the proxy in front of Flask: proxied prefixes never enter Flask's request machinery."""
     proxy = Proxy(
         app.wsgi_app,
-        upstreams=upstreams,
+        upstreams=forwarders,
         authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
         access_log_enabled=settings.access_log,

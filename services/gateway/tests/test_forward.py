@@ -1,0 +1,113 @@
+"""The gateway's hop (geventhttpclient) against raw sockets of the test's own: keep-alive reuse, a body read as it
+arrives, and each way the wire can fail mapped to the Parley error the client gets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from parley_gateway.forward import BodyCut, ForwardClient
+from parley_kit.errors import GatewayTimeout, ServiceUnavailable, UpstreamError
+from parley_kit.testing import free_port, read_http_request
+
+ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
+
+
+def answer(connection: socket.socket, body: bytes = ANSWER) -> None:
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+def test_answers_reuse_one_keep_alive_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    connections: list[int] = []
+    heads: list[bytes] = []
+
+    def handle(connection: socket.socket) -> None:
+        connections.append(1)
+        while head := read_http_request(connection):
+            heads.append(head)
+            answer(connection)
+
+    client = ForwardClient(serve(handle), name="llm")
+    for _ in range(3):
+        response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={"x-test": "1"})
+        assert (response.status, response.header("content-type")) == (200, "application/json")
+        assert response.read_all() == ANSWER
+        response.close()
+    assert len(connections) == 1
+    assert heads[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"x-test: 1" in heads[0].lower()
+
+
+def test_a_stream_is_read_as_it_arrives(serve) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    def handle(connection: socket.socket) -> None:
+        read_http_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        connection.sendall(b"%x\r\n%s\r\n" % (len(FIRST), FIRST))
+        release.wait(10)  # the second event is only sent once the client has seen the first
+        connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(SECOND), SECOND))
+
+    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    chunks = response.chunks()
+    assert next(chunks) == FIRST
+    release.set()
+    assert b"".join(chunks) == SECOND
+
+
+def test_an_answer_cut_mid_body_is_an_error_not_a_short_body(serve) -> None:  # type: ignore[no-untyped-def]
+    def handle(connection: socket.socket) -> None:
+        read_http_request(connection)
+        connection.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":')
+
+    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    with pytest.raises(BodyCut):
+        response.read_all()
+
+
+def test_a_refused_connection_is_503_naming_the_service() -> None:
+    with pytest.raises(ServiceUnavailable, match="the llm service is unreachable"):
+        ForwardClient(f"http://127.0.0.1:{free_port()}", name="llm").request("GET", "/x", body=None, headers={})
+
+
+def test_no_answer_within_the_read_timeout_is_504(serve) -> None:  # type: ignore[no-untyped-def]
+    def handle(connection: socket.socket) -> None:
+        read_http_request(connection)
+        time.sleep(2)
+
+    client = ForwardClient(serve(handle), name="llm", read_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(GatewayTimeout):
+        client.request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_connection_closed_without_an_answer_is_502(serve) -> None:  # type: ignore[no-untyped-def]
+    def handle(connection: socket.socket) -> None:
+        read_http_request(connection)  # and close: no status line at all
+
+    with pytest.raises(UpstreamError, match="closed the connection"):
+        ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+
+
+def test_an_abort_cuts_the_connection_so_the_service_sees_it_at_once(serve) -> None:  # type: ignore[no-untyped-def]
+    """What the relay does when the client hangs up mid-stream: the service's next read sees EOF."""
+    saw_eof = threading.Event()
+
+    def handle(connection: socket.socket) -> None:
+        read_http_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        connection.settimeout(5)
+        if connection.recv(1) == b"":
+            saw_eof.set()
+
+    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    response.abort()
+    response.close()
+    assert saw_eof.wait(5)
