@@ -61,6 +61,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{needed - full_rps:.0f} req/s short ({ratio:.1%} of the floor, 11% needed): CPU per request must fall "
             f"from ≈{cores * 1000 / full_rps:.2f} ms to ≈{cores * 1000 / needed:.2f} ms of the {cores} cores"
         )
+    # The floor figures disagree with each other: its 11,900 req/s is what Debian's default proxy does here,
+    # its 0.05 ms added is closer to the keep-alive proxy. The target is judged on the first; the second is shown.
+    floor_label = "nginx floor req/s (Debian's default proxy_pass)"
+    keepalive_rps = _get(scenarios, "throughput", "floor_keepalive", "requests_per_s")
+    if full_rps and keepalive_rps:
+        floor_label += f"; full is {full_rps / keepalive_rps:.1%} of the keep-alive proxy's {keepalive_rps:,.0f}"
     targets.append(
         _verdict(
             "full_throughput",
@@ -68,7 +74,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             measured=full_rps,
             unit="req/s",
             reference=floor_rps,
-            reference_label="nginx floor req/s",
+            reference_label=floor_label,
             ratio=ratio,
             met=False if refused else (None if ratio is None else ratio >= 0.11),
             miss=miss,
@@ -256,7 +262,11 @@ def plots(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         made[name] = name
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    paths = [p for p in ("floor", "llm", "full") if _get(scenarios, "latency", "paths", p, "added_p50_ms") is not None]
+    paths = [
+        p
+        for p in ("floor", "floor_keepalive", "llm", "full")
+        if _get(scenarios, "latency", "paths", p, "added_p50_ms") is not None
+    ]
     p50 = [scenarios["latency"]["paths"][p]["added_p50_ms"] for p in paths]
     p99 = [scenarios["latency"]["paths"][p].get("added_p99_ms") or 0 for p in paths]
     xs = range(len(paths))
@@ -270,7 +280,11 @@ def plots(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     save(figure, "latency.png")
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    paths = [p for p in ("direct", "floor", "llm", "full") if _get(scenarios, "throughput", p, "requests_per_s")]
+    paths = [
+        p
+        for p in ("direct", "floor", "floor_keepalive", "llm", "full")
+        if _get(scenarios, "throughput", p, "requests_per_s")
+    ]
     axis.bar(paths, [scenarios["throughput"][p]["requests_per_s"] for p in paths], color="tab:green")
     axis.set_yscale("log")
     axis.set_ylabel("requests/s (log)")
@@ -376,7 +390,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"extra env: {w.get('extra_env')}; nginx workers {w.get('nginx_worker_processes')}",
         "- Served as (from each master's command line): "
         + "; ".join(f"{name} {flags}" for name, flags in (w.get("served") or {}).items()),
-        "- Paths: **direct** client → upstream; **floor** client → nginx proxy → upstream; **llm** client → "
+        "- Paths: **direct** client → upstream; **floor** client → nginx proxy → upstream, as Debian's nginx "
+        "proxies out of the box (`proxy_pass` alone: a new upstream connection per request; the issue's reference, "
+        "which it measured at 11,900 req/s here); **floor_keepalive** the same with keep-alive to the upstream (a "
+        "tuned proxy, reported beside it); **llm** client → "
         "llm → upstream (a real user access token); **full** client → gateway → llm → upstream (an API key; "
         "authentication, rate limits and the ledger as in production, PostgreSQL). Upstream: nginx's static "
         "chat.completion for overhead runs, the fake provider for streams and the slow upstream.",

@@ -147,12 +147,14 @@ class Run:
     # ----- targets (paths) ---------------------------------------------------------------------------------------
 
     def overhead_targets(self, body: str) -> list[Target]:
-        """direct, floor, llm, full, against the static answer (llm must point at nginx)."""
+        """direct, floor (nginx as Debian ships it), floor_keepalive (tuned nginx), llm, full, against the static
+        answer (llm must point at nginx)."""
         stack = self.stack
         assert stack.credentials is not None
         return [
             Target("direct", f"{stack.url('static')}/v1/chat/completions", {}, body),
             Target("floor", f"{stack.url('floor')}/v1/chat/completions", {}, body),
+            Target("floor_keepalive", f"{stack.url('floor_keepalive')}/v1/chat/completions", {}, body),
             Target(
                 "llm",
                 f"{stack.url('llm')}/v1/chat/completions",

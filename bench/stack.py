@@ -69,9 +69,17 @@ http {{
             return 200 '{body}';
         }}
     }}
-    # The floor: the cheapest possible proxy hop (Debian's nginx, keep-alive to the upstream).
+    # The floor: a proxy hop as Debian's nginx does it out of the box (`proxy_pass` alone: HTTP/1.0 and a new
+    # connection to the upstream per request). The issue's reference: it measured 11,900 req/s here; this does ~11k.
     server {{
         listen 127.0.0.1:{floor_port};
+        location / {{
+            proxy_pass http://127.0.0.1:{static_port};
+        }}
+    }}
+    # Beside it, a tuned proxy (keep-alive to the upstream): ~4x the floor's req/s, the cheapest hop there is.
+    server {{
+        listen 127.0.0.1:{floor_keepalive_port};
         location / {{
             proxy_pass http://static_answer;
             proxy_http_version 1.1;
@@ -125,7 +133,7 @@ class Stack:
         self.amqp_prefix = f"parley-bench-{self.run_id}"
         self.redis_prefix = f"parley-bench-{self.run_id}:"
         self.postgres = PostgresServer(backing.postgres_url)
-        self.ports = {name: free_port() for name in (*SERVICES, "static", "floor")}
+        self.ports = {name: free_port() for name in (*SERVICES, "static", "floor", "floor_keepalive")}
         self.secrets = {name: secrets.token_urlsafe(32) for name in ("gateway", "jobs", "pepper", "provider")}
         self.extra_env = {
             name: {**BENCH_ENV.get(name, {}), **(extra_env or {}).get(name, {})}
@@ -139,7 +147,7 @@ class Stack:
     # ----- addresses -------------------------------------------------------------------------------------------
 
     def url(self, name: str) -> str:
-        """Base URL of a process (`static` and `floor` are nginx's two servers)."""
+        """Base URL of a process (`static`, `floor` and `floor_keepalive` are nginx's servers)."""
         return f"http://127.0.0.1:{self.ports[name]}"
 
     @property
@@ -180,6 +188,7 @@ class Stack:
             workers="auto",
             static_port=self.ports["static"],
             floor_port=self.ports["floor"],
+            floor_keepalive_port=self.ports["floor_keepalive"],
             body=json.dumps(STATIC_COMPLETION, separators=(",", ":")),
         )
         (nginx_dir / "nginx.conf").write_text(conf)

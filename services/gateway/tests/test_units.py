@@ -17,7 +17,7 @@ from parley_gateway.credentials import (
     presented_credential,
 )
 from parley_gateway.headers import client_response_headers, upstream_request_headers
-from parley_gateway.proxy import read_body, stream_error_event, upstream_target
+from parley_gateway.proxy import read_body, stream_error_event, upstream_target, whole_events
 from parley_gateway.revocation import apply_event
 from parley_gateway.routing import Upstream
 from parley_kit.amqp import Message
@@ -330,3 +330,9 @@ def test_stream_error_events() -> None:
 
     assert stream_error_event(ErrorShape.OPENAI, UpstreamError("x")).startswith(b'data: {"error":')
     assert stream_error_event(ErrorShape.ANTHROPIC, UpstreamError("x")).startswith(b"event: error\ndata: ")
+
+
+def test_sse_relay_passes_whole_events_as_they_complete() -> None:
+    pieces = [b"data: 1\n\nda", b"ta: 2", b"\n\n", b"data: 3\r\n\r\ndata: 4\n\ndata: par"]
+    assert list(whole_events(pieces)) == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\r\n\r\ndata: 4\n\n", b"data: par"]
+    assert list(whole_events([b"data: a\n\n", b"data: b\n\n"])) == [b"data: a\n\n", b"data: b\n\n"]

@@ -280,6 +280,8 @@ class Relay:
             self._watcher = gevent.spawn(self._watch_client, self._client_socket)
         try:
             chunks = upstream.chunks(CHUNK_SIZE)
+            if self._sse:
+                chunks = whole_events(chunks)
             settlement = self._settlement
             if settlement is None:
                 yield from chunks
@@ -327,6 +329,23 @@ class Relay:
         settlement, self._settlement = self._settlement, None
         if settlement is not None:
             settlement.done()
+
+
+def whole_events(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """SSE bytes passed on as they arrive, but only up to the last complete event: a connection cut mid-event then
+    leaves no half event in front of the error event (a client could parse neither). At the end, any rest as sent."""
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not end:  # no complete event yet
+            rest = data
+            continue
+        rest = data[end:]
+        yield data[:end]
+    if rest:
+        yield rest
 
 
 def stream_error_event(shape: errors.ErrorShape, error: ParleyError) -> bytes:
