@@ -131,5 +131,17 @@ def test_connections_climbing_past_the_slack_fail() -> None:
     samples = [made_up(t, llm_db=5 + (t // 10), amqp=4) for t in range(0, 60, 5)]
     flat = soak.verdicts(samples, tally(100, 0), warmup=15, slack=2)["flat"]
     assert flat["passed"] is False
-    assert flat["per_series"]["postgres:llm"] == {"warmup_max": 6, "after_max": 10, "passed": False}
+    assert flat["per_series"]["postgres:llm"] == {
+        "warmup_max": 6,
+        "after_max": 10,
+        "settled_after_a_step": False,
+        "passed": False,
+    }
     assert flat["per_series"]["amqp_connections"]["passed"] is True
+
+
+def test_a_pool_stepping_up_once_after_the_warm_up_then_holding_passes() -> None:
+    """What a fresh-clone CI run saw: llm's pool went 6 -> 9 just after the warm-up and stayed there."""
+    samples = [made_up(t, llm_db=6 if t <= 20 else 9) for t in range(0, 60, 5)]
+    series = soak.verdicts(samples, tally(100, 0), warmup=15, slack=2)["flat"]["per_series"]["postgres:llm"]
+    assert series == {"warmup_max": 6, "after_max": 9, "settled_after_a_step": True, "passed": True}
