@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -114,5 +115,73 @@ def test_a_claim_is_finished_on_a_fresh_connection_when_its_own_is_killed(postgr
         with db.transaction() as session:
             record = idempotency.lookup(session, user_id="u", key="k")
             assert record is not None and record.state == "done" and record.response_body == b"{}"
+    finally:
+        db.dispose()
+
+
+def test_replays_and_refusals_on_sqlite(tmp_path, make_app, make_client, token_mint) -> None:  # type: ignore[no-untyped-def]
+    """`make run`'s SQLite: the claim is SQLite's own INSERT ... ON CONFLICT DO NOTHING, in a transaction."""
+    from parley_kit.db import upgrade
+    from parley_llm import MIGRATIONS_DIR
+
+    url = f"sqlite:///{tmp_path}/llm.db"
+    upgrade(MIGRATIONS_DIR, url)
+    client = make_client(make_app(database_url=url), token_mint.mint("sqlite-idempotency"))
+    first = client.post(CHAT, json=chat(), headers={"Idempotency-Key": "q-1"})
+    again = client.post(CHAT, json=chat(), headers={"Idempotency-Key": "q-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
+    reused = client.post(CHAT, json=chat("other"), headers={"Idempotency-Key": "q-1"})
+    assert reused.status_code == 409 and reused.get_json()["error"]["code"] == "idempotency_key_reused"
+    failed = chat("x #fake:error=400")
+    assert client.post(CHAT, json=failed, headers={"Idempotency-Key": "q-2"}).status_code == 400
+    assert client.post(CHAT, json=failed, headers={"Idempotency-Key": "q-2"}).status_code == 400  # released: ran again
+    [row] = client.get("/v1/usage").get_json()["data"]
+    assert row["requests"] == 3  # the first chat once, the failed one twice
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_a_key_is_claimed_by_one_of_many_at_once_and_taken_over_only_when_stale(
+    backend: str, postgres, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from parley_kit.db import Database, upgrade
+    from parley_llm import MIGRATIONS_DIR, idempotency
+
+    url = postgres.create_database("llm_claims") if backend == "postgresql" else f"sqlite:///{tmp_path}/llm.db"
+    upgrade(MIGRATIONS_DIR, url)
+    db = Database(url)
+    try:
+        start = threading.Barrier(8, timeout=30)
+        won: list[bool] = []
+
+        def claim() -> None:
+            start.wait()
+            won.append(
+                idempotency.run_statement(db, lambda c: idempotency.claim(c, user_id="u", key="k", fingerprint="f"))
+            )
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(won) == [False] * 7 + [True]
+        record = idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k"))
+        assert record is not None and (record.state, record.request_hash) == ("pending", "f")
+        # Another request's take-over needs the claim exactly as it read it: a claim renewed meanwhile is not taken.
+        assert idempotency.run_statement(db, functools.partial(idempotency.take_over, record=record, fingerprint="g"))
+        assert not idempotency.run_statement(
+            db, functools.partial(idempotency.take_over, record=record, fingerprint="h")
+        )
+        idempotency.finish_claim(db, lambda c: idempotency.store(c, user_id="u", key="k", status=200, body=b'{"a":1}'))
+        stored = idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k"))
+        assert stored is not None and (stored.state, stored.request_hash, stored.response_body) == (
+            "done",
+            "g",
+            b'{"a":1}',
+        )
+        assert idempotency.replay(stored).get_data() == b'{"a":1}'
+        idempotency.finish_claim(db, lambda c: idempotency.release(c, user_id="u", key="k"))
+        assert idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k")) is None
     finally:
         db.dispose()

@@ -3,6 +3,9 @@
 The first request claims the key with a unique row (user, key) before doing anything; a retry with the same body
 gets the stored answer (never charged again), a different body gets 409, and a concurrent duplicate waits for
 the first to finish. A failed first attempt releases the key so the retry really runs. Streams are not covered.
+
+Each step is one Core statement, on PostgreSQL in autocommit (no BEGIN and COMMIT round trips): a first request
+costs the database an `INSERT ... ON CONFLICT DO NOTHING` and an UPDATE, each retried on a lost connection.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from flask import Response, g, request
-from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Row, bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from parley_kit.db import Database, retry_lost_connection, utcnow
@@ -31,6 +34,57 @@ log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 POLL_SECONDS = 0.05
+T = TypeVar("T")
+Executor = Session | Connection
+
+# Each statement is built once, with bound parameters: building one per call (and its cache key) cost as much CPU as
+# running it.
+_columns = IdempotencyRecord.__table__.c
+_this_key = (IdempotencyRecord.user_id == bindparam("p_user"), IdempotencyRecord.key == bindparam("p_key"))
+_new_claim = {
+    "user_id": bindparam("p_user"),
+    "key": bindparam("p_key"),
+    "request_hash": bindparam("p_hash"),
+    "state": "pending",
+    "created_at": bindparam("p_now", type_=_columns.created_at.type),
+}
+_CLAIM = {
+    dialect: insert(IdempotencyRecord)
+    .values(_new_claim)
+    .on_conflict_do_nothing(index_elements=[IdempotencyRecord.user_id, IdempotencyRecord.key])
+    .returning(IdempotencyRecord.key)
+    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+_LOOKUP = select(
+    IdempotencyRecord.user_id,
+    IdempotencyRecord.key,
+    IdempotencyRecord.request_hash,
+    IdempotencyRecord.state,
+    IdempotencyRecord.status_code,
+    IdempotencyRecord.response_body,
+    IdempotencyRecord.created_at,
+).where(*_this_key)
+_TAKE_OVER = (
+    update(IdempotencyRecord)
+    .where(
+        *_this_key,
+        IdempotencyRecord.state == "pending",
+        IdempotencyRecord.created_at == bindparam("p_claimed_at", type_=_columns.created_at.type),
+    )
+    .values(created_at=bindparam("p_now", type_=_columns.created_at.type), request_hash=bindparam("p_hash"))
+    .execution_options(synchronize_session=False)
+)
+_STORE = (
+    update(IdempotencyRecord)
+    .where(*_this_key)
+    .values(
+        state="done",
+        status_code=bindparam("p_status", type_=_columns.status_code.type),
+        response_body=bindparam("p_body", type_=_columns.response_body.type),
+    )
+    .execution_options(synchronize_session=False)
+)
+_RELEASE = delete(IdempotencyRecord).where(*_this_key).execution_options(synchronize_session=False)
 
 
 def request_hash(path: str, body: Any) -> str:
@@ -38,66 +92,65 @@ def request_hash(path: str, body: Any) -> str:
     return hashlib.sha256(path.encode() + b"\n" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def claim(session: Session, *, user_id: str, key: str, fingerprint: str) -> bool:
-    """Claim the key for this request (True), or False when someone holds or finished it."""
-    session.add(IdempotencyRecord(user_id=user_id, key=key, request_hash=fingerprint, state="pending"))
-    try:
-        session.flush()
-    except IntegrityError:
-        return False
-    return True
+def claim(session: Executor, *, user_id: str, key: str, fingerprint: str) -> bool:
+    """Claim the key for this request (True), or False when someone holds or finished it (one statement)."""
+    params = {"p_user": user_id, "p_key": key, "p_hash": fingerprint, "p_now": utcnow()}
+    return session.execute(_CLAIM[_dialect(session)], params).first() is not None
 
 
-def lookup(session: Session, *, user_id: str, key: str) -> IdempotencyRecord | None:
-    """The key's row, if any."""
-    return session.get(IdempotencyRecord, (user_id, key))
+def lookup(session: Executor, *, user_id: str, key: str) -> Row[Any] | None:
+    """The key's row, if any (`user_id`, `key`, `request_hash`, `state`, `status_code`, `response_body`,
+    `created_at`)."""
+    return session.execute(_LOOKUP, {"p_user": user_id, "p_key": key}).one_or_none()
 
 
-def take_over(session: Session, *, record: IdempotencyRecord, fingerprint: str) -> bool:
+def take_over(session: Executor, *, record: Row[Any], fingerprint: str) -> bool:
     """Claim a pending key whose holder died (older than the wait); True if this request got it."""
-    result = session.execute(
-        update(IdempotencyRecord)
-        .where(
-            IdempotencyRecord.user_id == record.user_id,
-            IdempotencyRecord.key == record.key,
-            IdempotencyRecord.state == "pending",
-            IdempotencyRecord.created_at == record.created_at,
-        )
-        .values(created_at=utcnow(), request_hash=fingerprint)
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    params = {
+        "p_user": record.user_id,
+        "p_key": record.key,
+        "p_claimed_at": record.created_at,
+        "p_now": utcnow(),
+        "p_hash": fingerprint,
+    }
+    return session.execute(_TAKE_OVER, params).rowcount == 1  # type: ignore[attr-defined]
 
 
-def store(session: Session, *, user_id: str, key: str, status: int, body: bytes) -> None:
+def store(session: Executor, *, user_id: str, key: str, status: int, body: bytes) -> None:
     """Keep the answer for replays."""
-    session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key)
-        .values(state="done", status_code=status, response_body=body)
-    )
+    session.execute(_STORE, {"p_user": user_id, "p_key": key, "p_status": status, "p_body": body})
 
 
-def release(session: Session, *, user_id: str, key: str) -> None:
+def release(session: Executor, *, user_id: str, key: str) -> None:
     """Forget a claim whose request failed, so a retry runs for real."""
-    session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key))
+    session.execute(_RELEASE, {"p_user": user_id, "p_key": key})
 
 
-def finish_claim(db: Database, write: Callable[[Session], None]) -> None:
+def run_statement(db: Database, statement: Callable[[Connection], T]) -> T:
+    """Run one statement on its own: in autocommit on PostgreSQL, in a transaction elsewhere; again on a fresh
+    connection when the database dropped this one (every statement here is safe to repeat)."""
+
+    def run() -> T:
+        if db.engine.dialect.name == "postgresql":
+            with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                return statement(connection)
+        with db.engine.begin() as connection:
+            return statement(connection)
+
+    return retry_lost_connection(run)
+
+
+def finish_claim(db: Database, write: Callable[[Connection], None]) -> None:
     """Store or release a claim, retried on a fresh connection when the database drops one (both writes are
     idempotent). Left pending otherwise (logged): a duplicate then waits, and the claim is taken over once stale —
     the answer already made is still the client's."""
-
-    def transaction() -> None:
-        with db.transaction() as session:
-            write(session)
-
     try:
-        retry_lost_connection(transaction)
+        run_statement(db, write)
     except Exception:
         log.exception("could not finish an idempotency claim")
 
 
-def replay(record: IdempotencyRecord) -> Response:
+def replay(record: Row[Any]) -> Response:
     """The stored answer, marked as a replay."""
     return Response(
         record.response_body or b"",
@@ -127,23 +180,21 @@ def idempotent(
             user_id, fingerprint = g.identity.subject, request_hash(request.path, raw)
             deadline = time.monotonic() + wait
             while True:
-                with db.transaction() as session:
-                    if claim(session, user_id=user_id, key=key, fingerprint=fingerprint):
-                        break
-                with db.transaction() as session:
-                    record = lookup(session, user_id=user_id, key=key)
-                    if record is None:
-                        continue  # released between our insert and our read: claim again
-                    if record.request_hash != fingerprint:
-                        raise Conflict(
-                            "this Idempotency-Key was used with a different request", code="idempotency_key_reused"
-                        )
-                    if record.state == "done":
-                        return replay(record)
-                    if record.created_at < utcnow() - timedelta(seconds=stale_after) and take_over(
-                        session, record=record, fingerprint=fingerprint
-                    ):
-                        break
+                if run_statement(db, lambda c: claim(c, user_id=user_id, key=key, fingerprint=fingerprint)):
+                    break
+                record = run_statement(db, lambda c: lookup(c, user_id=user_id, key=key))
+                if record is None:
+                    continue  # released between our insert and our read: claim again
+                if record.request_hash != fingerprint:
+                    raise Conflict(
+                        "this Idempotency-Key was used with a different request", code="idempotency_key_reused"
+                    )
+                if record.state == "done":
+                    return replay(record)
+                if record.created_at < utcnow() - timedelta(seconds=stale_after) and run_statement(
+                    db, functools.partial(take_over, record=record, fingerprint=fingerprint)
+                ):
+                    break
                 if time.monotonic() > deadline:
                     raise Conflict(
                         "a request with this Idempotency-Key is still in progress", code="idempotency_key_in_use"
@@ -166,6 +217,11 @@ def idempotent(
     return decorate
 
 
-def pending_count(session: Session) -> int:
+def pending_count(session: Executor) -> int:
     """How many keys are claimed and unfinished (for tests and operators)."""
     return len(session.scalars(select(IdempotencyRecord.key).where(IdempotencyRecord.state == "pending")).all())
+
+
+def _dialect(session: Executor) -> str:
+    bind = session.get_bind() if isinstance(session, Session) else session
+    return bind.dialect.name
