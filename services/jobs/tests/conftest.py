@@ -18,7 +18,7 @@ from parley_jobs.settings import JobsSettings
 from parley_kit.db import Database, upgrade
 from parley_kit.testing import TokenMint
 
-TABLES = ("batch_items", "batches", "files", "outbox")
+TABLES = ("batch_progress", "batch_items", "batches", "files", "outbox")
 
 
 def jsonl(lines: list[Any]) -> bytes:

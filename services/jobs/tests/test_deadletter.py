@@ -17,6 +17,7 @@ from parley_jobs.settings import JobsSettings
 from parley_jobs.worker import build_processor
 from parley_kit.amqp import Consumer, Message, Publisher
 from parley_kit.db import Database
+from parley_kit.testing import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,10 @@ def test_an_item_that_keeps_failing_goes_to_the_dead_letter_queue_and_the_error_
                 status = session.scalar(select(BatchItem.status).where(BatchItem.batch_id == batch["id"]))
         assert status == "failed"
         assert len(deliveries) == settings.delivery_limit + 1  # the first delivery and the redeliveries
+        # The batch is finalised in a transaction of its own, just after the item's result.
+        assert eventually(
+            lambda: client.get(f"/v1/batches/{batch['id']}", headers=auth()).json["status"] != "in_progress"
+        )
         done = client.get(f"/v1/batches/{batch['id']}", headers=auth()).json
         assert done["status"] == "completed" and done["request_counts"]["failed"] == 1
         errors = client.get(f"/v1/files/{done['error_file_id']}/content", headers=auth()).data

@@ -212,6 +212,7 @@ def items(db: Database, batch_id: str) -> list[BatchItem]:
         return list(session.scalars(query))
 
 
+@pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)  # SQLite: `make run`
 def test_items_run_as_the_owner_and_the_batch_completes(
     processor: ItemProcessor,
     db: Database,
@@ -272,6 +273,7 @@ def test_every_llm_call_carries_the_item_id_as_idempotency_key(
         assert claims["sub"] == alice and "jobs" in claims["act"]["sub"]
 
 
+@pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)  # SQLite: `make run`
 def test_a_dead_lettered_item_is_recorded_failed_once(
     processor: ItemProcessor,
     db: Database,

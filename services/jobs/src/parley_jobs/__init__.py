@@ -24,9 +24,9 @@ def shape_for_path(path: str) -> ErrorShape:
     return ErrorShape.OPENAI if path.startswith("/v1/") else ErrorShape.PROBLEM
 
 
-def open_database(settings: JobsSettings) -> Database:
-    """The jobs database engine for this process."""
-    return Database(settings.database_url)
+def open_database(settings: JobsSettings, *, pre_ping: bool = True) -> Database:
+    """The jobs database engine for this process (`pre_ping` off where every touch is retried on a lost connection)."""
+    return Database(settings.database_url, pre_ping=pre_ping)
 
 
 def register_extensions(app: OpenAPI, settings: JobsSettings) -> None:

@@ -1,5 +1,10 @@
 """Batches: creation (batch, items and outbox event in one transaction), progress, cancellation, item results
-written once per item, and finalisation into output and error files exactly once."""
+written once per item, and finalisation into output and error files exactly once.
+
+Every move of an item out of `pending` moves its batch's `BatchProgress` counters in the same transaction (or the
+same statement), so progress, `request_counts` and "was this the last item?" are one row read, never a count of the
+items. Lock order, to keep clear of deadlocks: the batch row, then items, then the progress row.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,12 +27,17 @@ from parley_kit.ids import new_id
 
 from . import files, outbox
 from .jsonl import parse_batch_file
-from .models import Batch, BatchItem, BatchStatus, ItemStatus
+from .models import Batch, BatchItem, BatchProgress, BatchStatus, ItemStatus
 
 DEFAULT_WINDOW_SECONDS = 24 * 3600.0  # OpenAI's only completion window, "24h"
 FINISHED = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 STOPPING = (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
 INSERT_CHUNK = 1000
+# Core statements on the worker's hot path run on a plain connection or in a session; in a session, the ORM must not
+# try to mirror them into loaded objects (there are none to keep in step).
+CORE = {"synchronize_session": False}
+
+Executor = Session | Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +47,20 @@ class Counts:
     total: int
     completed: int
     failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A batch's finished items out of its total, as one item's write left them."""
+
+    batch_id: str
+    finished: int
+    total: int
+
+    @property
+    def done(self) -> bool:
+        """No item is pending any more."""
+        return self.finished >= self.total
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +75,69 @@ class ItemWork:
     owner: str
     key_id: str | None
     attempts: int
+
+
+# The worker's statements, built once with bound parameters: building one per call (and its cache key) cost as much
+# CPU as running it. `_CLAIM_WORK`, `_RECORD`: PostgreSQL; `_CLAIM_ITEM` + `_ROUTE`, `_FINISH_ITEM` + `_COUNT_RESULT`:
+# the same in two statements, for SQLite.
+_items = BatchItem.__table__.c
+_claim = (
+    update(BatchItem)
+    .where(
+        BatchItem.id == bindparam("p_item"),
+        BatchItem.status == ItemStatus.PENDING,
+        Batch.id == BatchItem.batch_id,
+        *(Batch.status != status for status in STOPPING),  # not an IN list: that is expanded on every execution
+    )
+    .values(attempts=BatchItem.attempts + 1)
+    .execution_options(**CORE)
+)
+_claimed = (BatchItem.batch_id, BatchItem.custom_id, BatchItem.body, BatchItem.attempts)
+_route = (Batch.endpoint, Batch.owner, Batch.key_id)
+_CLAIM_WORK = _claim.returning(*_claimed, *_route)
+_CLAIM_ITEM = _claim.returning(*_claimed)
+_ROUTE = select(*_route).where(Batch.id == bindparam("p_batch"))
+_FINISH_ITEM = (
+    update(BatchItem)
+    .where(BatchItem.id == bindparam("p_item"), BatchItem.status == ItemStatus.PENDING)
+    .values(
+        status=bindparam("p_status", type_=_items.status.type),
+        response_status=bindparam("p_code", type_=_items.response_status.type),
+        request_id=bindparam("p_request", type_=_items.request_id.type),
+        response_body=bindparam("p_body", type_=_items.response_body.type),
+        error=bindparam("p_error", type_=_items.error.type),
+        finished_at=bindparam("p_now", type_=_items.finished_at.type),
+    )
+    .returning(BatchItem.batch_id)
+    .execution_options(**CORE)
+)
+_count_result = {
+    "finished": BatchProgress.finished + 1,
+    "completed": BatchProgress.completed + bindparam("p_completed", type_=Integer()),
+    "failed": BatchProgress.failed + bindparam("p_failed", type_=Integer()),
+}
+_progressed = (BatchProgress.batch_id, BatchProgress.finished, BatchProgress.total)
+_finished_item = _FINISH_ITEM.cte("finished_item")
+_RECORD = (
+    update(BatchProgress)
+    .where(BatchProgress.batch_id == _finished_item.c.batch_id)
+    .values(_count_result)
+    .returning(*_progressed)
+    .execution_options(**CORE)
+)
+_COUNT_RESULT = (
+    update(BatchProgress)
+    .where(BatchProgress.batch_id == bindparam("p_batch"))
+    .values(_count_result)
+    .returning(*_progressed)
+    .execution_options(**CORE)
+)
+_PROGRESS = select(*_progressed).where(BatchProgress.batch_id == bindparam("p_batch"))
+# The API's reads of one batch (polled by clients while it runs).
+_OWN_BATCH = select(Batch).where(Batch.id == bindparam("p_batch"), Batch.owner == bindparam("p_owner"))
+_OWN_BATCH_LOCKED = _OWN_BATCH.with_for_update()
+_counts = (BatchProgress.batch_id, BatchProgress.completed, BatchProgress.failed)
+_COUNTS = select(*_counts).where(BatchProgress.batch_id == bindparam("p_batch"))
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -155,6 +242,7 @@ def create_batch(
     ]
     for start in range(0, len(rows), INSERT_CHUNK):
         session.execute(insert(BatchItem), rows[start : start + INSERT_CHUNK])
+    session.execute(insert(BatchProgress).values(batch_id=batch.id, total=len(rows), finished=0, completed=0, failed=0))
     outbox.add_event(session, event_type=outbox.BATCH_CREATED, payload={"batch_id": batch.id})
     session.flush()
     return batch
@@ -162,10 +250,8 @@ def create_batch(
 
 def get_batch(session: Session, *, owner: str, batch_id: str, lock: bool = False) -> Batch:
     """The caller's batch, or 404 (another user's batch is not revealed)."""
-    query = select(Batch).where(Batch.id == batch_id, Batch.owner == owner)
-    if lock:
-        query = query.with_for_update()
-    batch = session.scalars(query).one_or_none()
+    query = _OWN_BATCH_LOCKED if lock else _OWN_BATCH
+    batch = session.scalars(query, {"p_batch": batch_id, "p_owner": owner}).one_or_none()
     if batch is None:
         raise NotFound("No such Batch object.", code="batch_not_found", param="batch_id")  # no echo: may be a secret
     return batch
@@ -186,21 +272,20 @@ def list_batches(session: Session, *, owner: str, limit: int, after: str | None)
 
 
 def request_counts(session: Session, batches: list[Batch]) -> dict[str, Counts]:
-    """Live counts for several batches in one query."""
+    """Live counts for several batches in one query (their progress rows)."""
     ids = [batch.id for batch in batches]
-    finished: dict[tuple[str, str], int] = {}
-    if ids:
-        query = (
-            select(BatchItem.batch_id, BatchItem.status, func.count())
-            .where(BatchItem.batch_id.in_(ids), BatchItem.status.in_((ItemStatus.SUCCEEDED, ItemStatus.FAILED)))
-            .group_by(BatchItem.batch_id, BatchItem.status)
-        )
-        finished = {(batch_id, status): count for batch_id, status, count in session.execute(query)}
+    counts: dict[str, tuple[int, int]] = {}
+    if len(ids) == 1:  # every poll of one batch: a statement built once
+        counts = {
+            batch_id: (completed, failed)
+            for batch_id, completed, failed in session.execute(_COUNTS, {"p_batch": ids[0]})
+        }
+    elif ids:
+        query = select(*_counts).where(BatchProgress.batch_id.in_(ids))
+        counts = {batch_id: (completed, failed) for batch_id, completed, failed in session.execute(query)}
     return {
         batch.id: Counts(
-            total=batch.total,
-            completed=finished.get((batch.id, ItemStatus.SUCCEEDED), 0),
-            failed=finished.get((batch.id, ItemStatus.FAILED), 0),
+            total=batch.total, completed=counts.get(batch.id, (0, 0))[0], failed=counts.get(batch.id, (0, 0))[1]
         )
         for batch in batches
     }
@@ -216,62 +301,85 @@ def cancel_batch(session: Session, *, owner: str, batch_id: str) -> Batch:
     now = utcnow()
     batch.status = BatchStatus.CANCELLING
     batch.cancelling_at = now
-    # A started item (attempts > 0) is left to its worker; row locks order this against `start_item`'s UPDATE.
-    session.execute(
+    # A started item (attempts > 0) is left to its worker; row locks order this against `claim_item`'s UPDATE.
+    skipped = session.execute(
         update(BatchItem)
         .where(BatchItem.batch_id == batch.id, BatchItem.status == ItemStatus.PENDING, BatchItem.attempts == 0)
         .values(status=ItemStatus.SKIPPED, finished_at=now)
+        .execution_options(**CORE)
     )
+    _count_finished(session, batch_id=batch.id, finished=skipped.rowcount)  # type: ignore[attr-defined]
     session.flush()
     return batch
 
 
-def start_item(session: Session, *, item_id: str) -> tuple[str | None, ItemWork | None]:
+def claim_item(session: Executor, *, item_id: str) -> ItemWork | None:
+    """Count an attempt at a pending item whose batch is not being cancelled, and return its work. None when there
+    is nothing to run (`start_item` says why). On PostgreSQL one statement (autocommit-safe); elsewhere two, so run
+    it in a transaction there.
+
+    Counting the attempt marks the item started, so a cancel arriving now leaves it to this worker.
+    """
+    params = {"p_item": item_id}
+    if _dialect(session) == "postgresql":
+        row = session.execute(_CLAIM_WORK, params).one_or_none()
+    else:  # SQLite's RETURNING sees only the updated table
+        claimed = session.execute(_CLAIM_ITEM, params).one_or_none()
+        row = None
+        if claimed is not None:
+            row = (*claimed, *session.execute(_ROUTE, {"p_batch": claimed[0]}).one())
+    if row is None:
+        return None
+    batch_id, custom_id, body, attempts, endpoint, owner, key_id = row
+    return ItemWork(
+        item_id=item_id,
+        batch_id=batch_id,
+        custom_id=custom_id,
+        endpoint=endpoint,
+        body=body,
+        owner=owner,
+        key_id=key_id,
+        attempts=attempts,
+    )
+
+
+def start_item(session: Executor, *, item_id: str) -> tuple[str | None, ItemWork | None]:
     """Claim an attempt at an item: (its batch id, the work), with no work when there is nothing to run
-    (already finished, or its batch is being cancelled, in which case the item is skipped)."""
-    item = session.get(BatchItem, item_id)
-    if item is None:
+    (already finished, or its batch is being cancelled, in which case the item is skipped). Several statements:
+    run it in a transaction."""
+    work = claim_item(session, item_id=item_id)
+    if work is not None:
+        return work.batch_id, work
+    row = session.execute(
+        select(BatchItem.batch_id, BatchItem.status, Batch.status)
+        .join(Batch, Batch.id == BatchItem.batch_id)
+        .where(BatchItem.id == item_id)
+    ).one_or_none()
+    if row is None:
         return None, None
-    if item.status != ItemStatus.PENDING:
-        return item.batch_id, None
-    batch = session.get(Batch, item.batch_id)
-    assert batch is not None  # the foreign key guarantees it
-    if batch.status in STOPPING:
-        session.execute(
+    batch_id, item_status, batch_status = row
+    if item_status != ItemStatus.PENDING:
+        return batch_id, None
+    if batch_status in STOPPING:
+        skipped = session.execute(
             update(BatchItem)
             .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
             .values(status=ItemStatus.SKIPPED, finished_at=utcnow())
+            .execution_options(**CORE)
         )
-        return batch.id, None
-    # Counting the attempt marks the item started, so a cancel arriving now leaves it to this worker.
-    attempts = session.execute(
-        update(BatchItem)
-        .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
-        .values(attempts=BatchItem.attempts + 1)
-        .returning(BatchItem.attempts)
-    ).scalar_one_or_none()
-    if attempts is None:
-        return batch.id, None
-    work = ItemWork(
-        item_id=item.id,
-        batch_id=batch.id,
-        custom_id=item.custom_id,
-        endpoint=batch.endpoint,
-        body=item.body,
-        owner=batch.owner,
-        key_id=batch.key_id,
-        attempts=attempts,
-    )
-    return batch.id, work
+        _count_finished(session, batch_id=batch_id, finished=skipped.rowcount)  # type: ignore[attr-defined]
+        return batch_id, None
+    # Pending in a running batch: statuses only move forward, so the claim missed nothing; claim it again.
+    return batch_id, claim_item(session, item_id=item_id)
 
 
-def item_batch_id(session: Session, *, item_id: str) -> str | None:
+def item_batch_id(session: Executor, *, item_id: str) -> str | None:
     """The batch an item belongs to (None for an unknown item)."""
     return session.scalar(select(BatchItem.batch_id).where(BatchItem.id == item_id))
 
 
 def record_result(
-    session: Session,
+    session: Executor,
     *,
     item_id: str,
     succeeded: bool,
@@ -279,43 +387,48 @@ def record_result(
     request_id: str | None = None,
     body: Any = None,
     error: dict[str, Any] | None = None,
-) -> bool:
-    """Write an item's outcome once: a second delivery of the same item finds it finished and changes nothing."""
-    result = session.execute(
-        update(BatchItem)
-        .where(BatchItem.id == item_id, BatchItem.status == ItemStatus.PENDING)
-        .values(
-            status=ItemStatus.SUCCEEDED if succeeded else ItemStatus.FAILED,
-            response_status=status_code,
-            request_id=request_id,
-            response_body=body,
-            error=error,
-            finished_at=utcnow(),
-        )
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+) -> Progress | None:
+    """Write an item's outcome once and count it in its batch's progress: the progress it left (the caller that sees
+    `done` wrote the last item), or None when a second delivery of the same item found it finished already.
+
+    On PostgreSQL one statement (item and counters together, autocommit-safe); elsewhere two, so run it in a
+    transaction there.
+    """
+    params = {
+        "p_item": item_id,
+        "p_status": ItemStatus.SUCCEEDED if succeeded else ItemStatus.FAILED,
+        "p_code": status_code,
+        "p_request": request_id,
+        "p_body": body,
+        "p_error": error,
+        "p_now": utcnow(),
+        "p_completed": 1 if succeeded else 0,
+        "p_failed": 0 if succeeded else 1,
+    }
+    if _dialect(session) == "postgresql":
+        row = session.execute(_RECORD, params).one_or_none()
+    else:
+        batch_id = session.execute(_FINISH_ITEM, params).scalar_one_or_none()
+        if batch_id is None:
+            return None
+        row = session.execute(_COUNT_RESULT, params | {"p_batch": batch_id}).one_or_none()
+    return Progress(*row) if row is not None else None
 
 
-def progress(session: Session, *, batch_id: str) -> tuple[int, int]:
-    """(finished items, total items) of a batch."""
-    pending = session.scalar(
-        select(func.count()).where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
-    )
-    total = session.scalar(select(Batch.total).where(Batch.id == batch_id)) or 0
-    return total - (pending or 0), total
+def progress(session: Executor, *, batch_id: str) -> Progress | None:
+    """A batch's finished and total items (None for an unknown batch)."""
+    row = session.execute(_PROGRESS, {"p_batch": batch_id}).one_or_none()
+    return Progress(*row) if row is not None else None
 
 
 def finalize_if_done(session: Session, *, batch_id: str) -> str | None:
     """When no item is pending, write the output and error files and end the batch; exactly once.
 
-    Call it in a transaction of its own, after the item's result committed: in the same transaction two workers
-    finishing the last two items could each still see the other's item pending, and nobody would finalise.
-    The conditional UPDATE on the status is the guard: of several workers only one moves the batch on.
+    Call it in a transaction of its own, after the item's result committed: the counters then include every
+    committed item. The conditional UPDATE on the status is the guard: of several callers only one moves the batch on.
     """
-    pending = session.scalar(
-        select(func.count()).where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
-    )
-    if pending:
+    current = progress(session, batch_id=batch_id)
+    if current is None or not current.done:
         return None
     now = utcnow()
     status = session.scalar(select(Batch.status).where(Batch.id == batch_id))
@@ -365,11 +478,13 @@ def expire_due(session: Session, *, now: datetime) -> list[str]:
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             continue
-        session.execute(
+        ended = session.execute(
             update(BatchItem)
             .where(BatchItem.batch_id == batch_id, BatchItem.status == ItemStatus.PENDING)
             .values(status=ItemStatus.EXPIRED, finished_at=now)
+            .execution_options(**CORE)
         )
+        _count_finished(session, batch_id=batch_id, finished=ended.rowcount)  # type: ignore[attr-defined]
         batch = session.get(Batch, batch_id, populate_existing=True)
         assert batch is not None
         _write_result_files(session, batch)
@@ -427,21 +542,22 @@ def schedule(session: Session, *, window: int, now: datetime) -> list[str]:
     per_owner: list[list[str]] = []
     for owner, batch_ids in batches_of.items():
         room = window - in_flight.get(owner, 0)
-        if room <= 0:
-            continue
-        ids = session.scalars(
-            select(BatchItem.id)
-            .join(Batch, Batch.id == BatchItem.batch_id)
-            .where(
-                BatchItem.batch_id.in_(batch_ids),
-                BatchItem.status == ItemStatus.PENDING,
-                BatchItem.queued_at.is_(None),
-            )
-            .order_by(Batch.created_at, Batch.id, BatchItem.line)
-            .limit(room)
-        ).all()
+        ids: list[str] = []
+        for batch_id in batch_ids:  # oldest first; each read in line order off ix_batch_items_batch_queued
+            if len(ids) >= room:
+                break
+            ids += session.scalars(
+                select(BatchItem.id)
+                .where(
+                    BatchItem.batch_id == batch_id,
+                    BatchItem.status == ItemStatus.PENDING,
+                    BatchItem.queued_at.is_(None),
+                )
+                .order_by(BatchItem.line)
+                .limit(room - len(ids))
+            ).all()
         if ids:
-            per_owner.append(list(ids))
+            per_owner.append(ids)
     order = [ids[i] for i in range(max(map(len, per_owner), default=0)) for ids in per_owner if i < len(ids)]
     for start in range(0, len(order), INSERT_CHUNK):
         session.execute(
@@ -459,6 +575,22 @@ def oldest_pending_age(session: Session, *, now: datetime) -> float:
         )
     )
     return max((now - outbox.aware_utc(oldest)).total_seconds(), 0.0) if oldest else 0.0
+
+
+def _dialect(session: Executor) -> str:
+    bind = session.get_bind() if isinstance(session, Session) else session
+    return bind.dialect.name
+
+
+def _count_finished(session: Executor, *, batch_id: str, finished: int) -> None:
+    """Count items that left `pending` without a result (skipped, expired) in the batch's progress."""
+    if finished > 0:
+        session.execute(
+            update(BatchProgress)
+            .where(BatchProgress.batch_id == batch_id)
+            .values(finished=BatchProgress.finished + finished)
+            .execution_options(**CORE)
+        )
 
 
 def output_line(item: BatchItem) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class Batch(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     batch_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
-    total: Mapped[int] = mapped_column(Integer, default=0)  # completed/failed are counted live from the items
+    total: Mapped[int] = mapped_column(Integer, default=0)  # completed/failed are counted in its `BatchProgress`
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -106,7 +106,8 @@ class BatchItem(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_batch_items_batch_status", "batch_id", "status"),
-        Index("ix_batch_items_batch_queued", "batch_id", "status", "queued_at"),
+        # The scheduler's next lines of a batch (pending, unqueued) in line order, read off the index with a LIMIT.
+        Index("ix_batch_items_batch_queued", "batch_id", "status", "queued_at", "line"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -123,6 +124,20 @@ class BatchItem(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # When the scheduler published the item's message; unset items wait for their owner's window to open.
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class BatchProgress(Base):
+    """A batch's item counters, moved in the same transaction as each item that leaves `pending`: whoever moves
+    `finished` to `total` knows the batch is done without counting its items (a row of its own, so the hot path
+    never locks the batch row that cancellation, expiry and the scheduler lock first)."""
+
+    __tablename__ = "batch_progress"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    total: Mapped[int] = mapped_column(Integer)
+    finished: Mapped[int] = mapped_column(Integer, default=0)  # items in any status but pending
+    completed: Mapped[int] = mapped_column(Integer, default=0)  # succeeded (OpenAI's request_counts.completed)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class OutboxEvent(Base):

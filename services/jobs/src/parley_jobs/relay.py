@@ -6,6 +6,11 @@ topped up as they finish, owners interleaved), publish one `batch.item` message 
 commit. A crash before the commit means the next pass publishes again (workers are idempotent); a batch whose
 commit happened is always found by the next pass, whichever process runs it, since the scheduler reads the items,
 not the messages. The same thread expires batches past their completion window and refreshes the worker's gauges.
+
+A pass runs every `interval`, and sooner once this process's workers have finished a quarter of a window's items:
+waiting out the interval would leave the windows, and so the workers, empty between passes. Every pass tops up all
+the room there is, whichever process's workers made it, so with several worker processes passes simply come from
+all of their relays in turn.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ class QueueStats:
 
 
 class Relay:
-    """Drains the outbox and tops up the owners' windows every `interval` seconds."""
+    """Drains the outbox and tops up the owners' windows every `interval` seconds, or when items have finished."""
 
     def __init__(
         self,
@@ -117,7 +122,22 @@ class Relay:
         self._stats = stats
         self._stats_interval = stats_interval
         self._stats_due = 0.0
+        self._expiry_due = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._wake_after = max(1, window // 4)
+        self._done_since_pass = 0
+        self._done_lock = threading.Lock()
+
+    def item_done(self) -> None:
+        """A worker of this process finished an item (its window has room): enough of them bring the next pass
+        forward."""
+        with self._done_lock:
+            self._done_since_pass += 1
+            if self._done_since_pass < self._wake_after:
+                return
+            self._done_since_pass = 0
+        self._wake.set()
 
     def run_once(self) -> int:
         """One pass: returns how many outbox events were drained (the items it queued are logged)."""
@@ -161,7 +181,12 @@ class Relay:
     def run(self) -> None:
         """Poll until stopped; a failed step (broker or database down) is retried on the next tick."""
         while not self._stop.is_set():
-            for step in (self.run_once, self.expire_due):
+            self._wake.clear()  # items finishing from here on ask for the pass after this one
+            steps: list[Callable[[], object]] = [self.run_once]
+            if time.monotonic() >= self._expiry_due:
+                self._expiry_due = time.monotonic() + self._interval
+                steps.append(self.expire_due)
+            for step in steps:
                 try:
                     step()
                 except Exception:
@@ -172,7 +197,7 @@ class Relay:
                     self.refresh_gauges()
                 except Exception:
                     log.warning("refreshing the worker gauges failed", exc_info=True)
-            self._stop.wait(self._interval)
+            self._wake.wait(self._interval)
         self._publisher.close()
         if self._stats is not None:
             self._stats.close()
@@ -186,3 +211,4 @@ class Relay:
     def stop(self) -> None:
         """Finish the current pass and return."""
         self._stop.set()
+        self._wake.set()

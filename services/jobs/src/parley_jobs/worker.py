@@ -4,21 +4,27 @@ One process: the relay/scheduler in a thread, a kit `Consumer` of the items queu
 handlers on a thread pool, ack after the handler's commit), a second one of the dead-letter queue (items RabbitMQ
 gave up on after the delivery limit: recorded as failed so they reach the error file and the batch can end), and
 Prometheus metrics on `worker_metrics_port`.
+
+An item costs the database two statements on PostgreSQL, each its own autocommit transaction: the claim (attempt
+counted, work read) and the result (item and batch counters together). Finalisation is a transaction of its own, run
+by whoever wrote the last item (or by a redelivery of any item of a finished batch, if that one died first).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from sqlalchemy import Connection
 
 from parley_kit import logs
 from parley_kit.amqp import Consumer, Message, Publisher, Reject
-from parley_kit.db import Database
+from parley_kit.db import Database, retry_lost_connection
 from parley_kit.errors import ParleyError, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
@@ -31,6 +37,7 @@ from .settings import JobsSettings
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,24 +55,38 @@ class ItemProcessor:
     """Handles one `batch.item` message; safe to run twice for the same item (the write is conditional)."""
 
     def __init__(
-        self, db: Database, llm: ServiceClient, tokens: ActingTokens, *, delivery_limit: int, item_timeout: float
+        self,
+        db: Database,
+        llm: ServiceClient,
+        tokens: ActingTokens,
+        *,
+        delivery_limit: int,
+        item_timeout: float,
+        on_item_done: Callable[[], None] | None = None,
     ) -> None:
         self._db = db
         self._llm = llm
         self._tokens = tokens
         self._delivery_limit = delivery_limit
         self._timeout = (CONNECT_TIMEOUT, item_timeout)
+        self._on_item_done = on_item_done
+        # One statement is its own transaction on PostgreSQL: autocommit spares the BEGIN and COMMIT round trips.
+        postgres = db.engine.dialect.name == "postgresql"
+        self._autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT") if postgres else None
 
     def handle(self, message: Message) -> None:
         """Run the item unless it is finished or cancelled; raise to have it redelivered (transient failures)."""
         item_id = message.data.get("item_id")
         if not isinstance(item_id, str):
             raise Reject("batch.item message without an item_id")
-        with self._db.transaction() as session:
-            batch_id, work = batches.start_item(session, item_id=item_id)
+        work = self._write(lambda connection: batches.claim_item(connection, item_id=item_id))
+        batch_id = work.batch_id if work is not None else None
+        if work is None:  # nothing to run: unknown, finished, or cancelled (then skipped) — start_item sorts it out
+            batch_id, work = self._transaction(lambda session: batches.start_item(session, item_id=item_id))
         if batch_id is None:
             log.warning("batch item not found; dropping its message", extra={"batch.item_id": item_id})
             return
+        progress = None
         if work is None:
             metrics.ITEMS_PROCESSED.labels(outcome="skipped").inc()
         else:
@@ -75,9 +96,9 @@ class ItemProcessor:
             except Exception:
                 metrics.ITEMS_PROCESSED.labels(outcome="retried").inc()
                 raise
-            with self._db.transaction() as session:
-                recorded = batches.record_result(
-                    session,
+            progress = self._write(
+                lambda connection: batches.record_result(
+                    connection,
                     item_id=item_id,
                     succeeded=outcome.succeeded,
                     status_code=outcome.status_code,
@@ -85,23 +106,31 @@ class ItemProcessor:
                     body=outcome.body,
                     error=outcome.error,
                 )
-            if recorded:
+            )
+            if progress is not None:
                 metrics.ITEMS_PROCESSED.labels(outcome="succeeded" if outcome.succeeded else "failed").inc()
+        if self._on_item_done is not None:
+            self._on_item_done()
         # Also for a redelivered, already finished item: its first worker may have died before finalising.
-        self.finish(batch_id)
+        self.finish(batch_id, progress)
 
-    def finish(self, batch_id: str) -> str | None:
-        """Log progress and end the batch if this was its last item (its own transaction, after the result's)."""
-        with self._db.transaction() as session:
-            done, total = batches.progress(session, batch_id=batch_id)
-            # Items still pending: not the last (each count is a fresh snapshot, so whoever commits the last result
-            # counts zero here). One count per item instead of two: batches run to 50,000 lines.
-            final = batches.finalize_if_done(session, batch_id=batch_id) if done >= total else None
+    def finish(self, batch_id: str, progress: batches.Progress | None = None) -> str | None:
+        """Log progress and end the batch if no item is left (its own transaction, after the result's commit).
+
+        `progress` is what writing this item's result returned; without it (a redelivery, a skip) it is read.
+        """
+        if progress is None:
+            progress = self._transaction(lambda session: batches.progress(session, batch_id=batch_id))
+            if progress is None:
+                return None
+        final = None
+        if progress.done:
+            final = self._transaction(lambda session: batches.finalize_if_done(session, batch_id=batch_id))
         log.info(
             "batch progress %d/%d",
-            done,
-            total,
-            extra={"batch.id": batch_id, "batch.done": done, "batch.total": total},
+            progress.finished,
+            progress.total,
+            extra={"batch.id": batch_id, "batch.done": progress.finished, "batch.total": progress.total},
         )
         if final:
             metrics.BATCHES.labels(status=final).inc()
@@ -119,18 +148,46 @@ class ItemProcessor:
             "code": "delivery_limit_exceeded",
             "message": f"The request was abandoned after {self._delivery_limit} delivery attempts.",
         }
-        with self._db.transaction() as session:
+
+        def record(session: Any) -> tuple[str | None, batches.Progress | None]:
             batch_id = batches.item_batch_id(session, item_id=item_id)
-            recorded = batch_id is not None and batches.record_result(
-                session, item_id=item_id, succeeded=False, error=error
-            )
+            if batch_id is None:
+                return None, None
+            return batch_id, batches.record_result(session, item_id=item_id, succeeded=False, error=error)
+
+        batch_id, progress = self._transaction(record)
         if batch_id is None:
             log.warning("dead-lettered item not found; dropped", extra={"batch.item_id": item_id})
             return
-        if recorded:
+        if progress is not None:
             metrics.ITEMS_PROCESSED.labels(outcome="dead_lettered").inc()
             log.error("batch item dead-lettered", extra={"batch.id": batch_id, "batch.item_id": item_id})
-        self.finish(batch_id)
+        if self._on_item_done is not None:
+            self._on_item_done()
+        self.finish(batch_id, progress)
+
+    def _write(self, statement: Callable[[Connection], T]) -> T:
+        """Run a statement that is safe to repeat: autocommit on PostgreSQL, a transaction elsewhere; again on a fresh
+        connection when the database dropped this one (the pool does not ping before lending one out). A claim
+        repeated after its commit counts one attempt more, which only brings the last attempt nearer."""
+
+        def run() -> T:
+            if self._autocommit is None:
+                with self._db.engine.begin() as connection:
+                    return statement(connection)
+            with self._autocommit.connect() as connection:
+                return statement(connection)
+
+        return retry_lost_connection(run)
+
+    def _transaction(self, work: Callable[[Any], T]) -> T:
+        """Run `work` in a session transaction, again on a fresh connection when the database dropped this one."""
+
+        def run() -> T:
+            with self._db.transaction() as session:
+                return work(session)
+
+        return retry_lost_connection(run)
 
     def _run(self, work: batches.ItemWork, *, last_attempt: bool) -> Outcome:
         """Call llm; a transient failure raises unless this is the last delivery, which records it as failed."""
@@ -191,14 +248,23 @@ def _decode(data: bytes) -> Any:
         return {"error": {"message": data[:1000].decode("utf-8", "replace"), "type": "server_error"}}
 
 
-def build_processor(settings: JobsSettings, db: Database) -> ItemProcessor:
-    """An ItemProcessor wired to llm and auth from the settings."""
+def build_processor(
+    settings: JobsSettings, db: Database, *, on_item_done: Callable[[], None] | None = None
+) -> ItemProcessor:
+    """An ItemProcessor wired to llm and auth from the settings; `on_item_done` is told each time an item ends."""
     llm = ServiceClient(
         settings.llm_url, name="llm", read_timeout=settings.item_timeout, max_connections=settings.worker_prefetch
     )
     auth = ServiceClient(settings.auth_url, name="auth", read_timeout=10.0, max_connections=4)
     tokens = ActingTokens(ServiceTokenSource(auth, client_id=settings.client_id, client_secret=settings.client_secret))
-    return ItemProcessor(db, llm, tokens, delivery_limit=settings.delivery_limit, item_timeout=settings.item_timeout)
+    return ItemProcessor(
+        db,
+        llm,
+        tokens,
+        delivery_limit=settings.delivery_limit,
+        item_timeout=settings.item_timeout,
+        on_item_done=on_item_done,
+    )
 
 
 def run_worker(settings: JobsSettings) -> None:
@@ -211,7 +277,9 @@ def run_worker(settings: JobsSettings) -> None:
         settings.logstash_host,
         settings.logstash_port,
     )
-    db = open_database(settings)
+    # No ping per checkout (a round trip each): every database touch of the worker is retried on a lost connection,
+    # or fails its message, which is then redelivered (the relay's pass, the next tick).
+    db = open_database(settings, pre_ping=False)
     declare = queue_declarer(settings)
     relay = Relay(
         db,
@@ -222,7 +290,7 @@ def run_worker(settings: JobsSettings) -> None:
         stats=QueueStats(settings.amqp_url, {"items": settings.items_queue, "dead": settings.dead_queue}),
         stats_interval=settings.stats_interval,
     )
-    processor = build_processor(settings, db)
+    processor = build_processor(settings, db, on_item_done=relay.item_done)
     consumer = Consumer(
         settings.amqp_url,
         processor.handle,
