@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import DateTime, MetaData, create_engine, event, make_url, text
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -64,6 +64,21 @@ def retry_lost_connection(write: Callable[[], T], *, attempts: int = 3) -> T:
                 raise
             log.warning("database connection lost; retrying the write", extra={"attempt": attempt})
     return write()
+
+
+def run_statement(engine: Engine, statement: Callable[[Connection], T]) -> T:
+    """Run work that is one statement and safe to repeat: in autocommit on PostgreSQL (a lone statement is its own
+    transaction there, so no BEGIN and COMMIT round trips), in a transaction elsewhere; again on a fresh connection
+    when the database dropped this one."""
+
+    def run() -> T:
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                return statement(connection)
+        with engine.begin() as connection:
+            return statement(connection)
+
+    return retry_lost_connection(run)
 
 
 def make_metadata() -> MetaData:

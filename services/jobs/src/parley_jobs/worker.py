@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 
 from parley_kit import logs
 from parley_kit.amqp import Consumer, Message, Publisher, Reject
-from parley_kit.db import Database, retry_lost_connection
+from parley_kit.db import Database, retry_lost_connection, run_statement
 from parley_kit.errors import ParleyError, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
@@ -70,9 +70,6 @@ class ItemProcessor:
         self._delivery_limit = delivery_limit
         self._timeout = (CONNECT_TIMEOUT, item_timeout)
         self._on_item_done = on_item_done
-        # One statement is its own transaction on PostgreSQL: autocommit spares the BEGIN and COMMIT round trips.
-        postgres = db.engine.dialect.name == "postgresql"
-        self._autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT") if postgres else None
 
     def handle(self, message: Message) -> None:
         """Run the item unless it is finished or cancelled; raise to have it redelivered (transient failures)."""
@@ -167,18 +164,10 @@ class ItemProcessor:
         self.finish(batch_id, progress)
 
     def _write(self, statement: Callable[[Connection], T]) -> T:
-        """Run a statement that is safe to repeat: autocommit on PostgreSQL, a transaction elsewhere; again on a fresh
-        connection when the database dropped this one (the pool does not ping before lending one out). A claim
-        repeated after its commit counts one attempt more, which only brings the last attempt nearer."""
-
-        def run() -> T:
-            if self._autocommit is None:
-                with self._db.engine.begin() as connection:
-                    return statement(connection)
-            with self._autocommit.connect() as connection:
-                return statement(connection)
-
-        return retry_lost_connection(run)
+        """Run a statement that is safe to repeat (`parley_kit.db.run_statement`: autocommit on PostgreSQL, retried
+        on a fresh connection, as the pool does not ping before lending one out). A claim repeated after its commit
+        counts one attempt more, which only brings the last attempt nearer."""
+        return run_statement(self._db.engine, statement)
 
     def _transaction(self, work: Callable[[Any], T]) -> T:
         """Run `work` in a session transaction, again on a fresh connection when the database dropped this one."""

@@ -24,7 +24,8 @@ from sqlalchemy import Connection, Row, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from parley_kit.db import Database, retry_lost_connection, utcnow
+from parley_kit.db import Database, utcnow
+from parley_kit.db import run_statement as db_run_statement
 from parley_kit.errors import BadRequest, Conflict
 
 from .models import IdempotencyRecord
@@ -127,17 +128,8 @@ def release(session: Executor, *, user_id: str, key: str) -> None:
 
 
 def run_statement(db: Database, statement: Callable[[Connection], T]) -> T:
-    """Run one statement on its own: in autocommit on PostgreSQL, in a transaction elsewhere; again on a fresh
-    connection when the database dropped this one (every statement here is safe to repeat)."""
-
-    def run() -> T:
-        if db.engine.dialect.name == "postgresql":
-            with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                return statement(connection)
-        with db.engine.begin() as connection:
-            return statement(connection)
-
-    return retry_lost_connection(run)
+    """Run one of the statements above on its own (every one is safe to repeat): `parley_kit.db.run_statement`."""
+    return db_run_statement(db.engine, statement)
 
 
 def finish_claim(db: Database, write: Callable[[Connection], None]) -> None:

@@ -19,7 +19,7 @@ import orjson
 from sqlalchemy import Engine
 
 from parley_kit.batching import GroupCommit
-from parley_kit.db import retry_lost_connection, utcnow
+from parley_kit.db import retry_lost_connection, run_statement, utcnow
 from parley_kit.errors import ParleyError, UpstreamError
 
 from . import budgets, service
@@ -135,16 +135,7 @@ class Ledger:
 
     def _write_rows(self, rows: list[dict[str, Any]]) -> None:
         """Usage rows without a budget to settle: one INSERT for all of them, retried on a lost connection."""
-        retry_lost_connection(lambda: self._insert(rows))
-
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
-        if self.engine.dialect.name == "postgresql":
-            # A lone INSERT is its own transaction: autocommit spares the BEGIN and COMMIT round trips.
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                service.record_usages(connection, rows)
-            return
-        with self.engine.begin() as connection:
-            service.record_usages(connection, rows)
+        run_statement(self.engine, lambda connection: service.record_usages(connection, rows))
 
 
 def estimate_prompt_words(body: dict[str, Any]) -> int:
