@@ -144,7 +144,7 @@ def test_replays_and_refusals_on_sqlite(tmp_path, make_app, make_client, token_m
 def test_a_key_is_claimed_by_one_of_many_at_once_and_taken_over_only_when_stale(
     backend: str, postgres, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from parley_kit.db import Database, upgrade
+    from parley_kit.db import Database, run_statement, upgrade
     from parley_llm import MIGRATIONS_DIR, idempotency
 
     url = postgres.create_database("llm_claims") if backend == "postgresql" else f"sqlite:///{tmp_path}/llm.db"
@@ -156,9 +156,7 @@ def test_a_key_is_claimed_by_one_of_many_at_once_and_taken_over_only_when_stale(
 
         def claim() -> None:
             start.wait()
-            won.append(
-                idempotency.run_statement(db, lambda c: idempotency.claim(c, user_id="u", key="k", fingerprint="f"))
-            )
+            won.append(run_statement(db.engine, lambda c: idempotency.claim(c, user_id="u", key="k", fingerprint="f")))
 
         threads = [threading.Thread(target=claim) for _ in range(8)]
         for thread in threads:
@@ -166,15 +164,13 @@ def test_a_key_is_claimed_by_one_of_many_at_once_and_taken_over_only_when_stale(
         for thread in threads:
             thread.join(60)
         assert sorted(won) == [False] * 7 + [True]
-        record = idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k"))
+        record = run_statement(db.engine, lambda c: idempotency.lookup(c, user_id="u", key="k"))
         assert record is not None and (record.state, record.request_hash) == ("pending", "f")
         # Another request's take-over needs the claim exactly as it read it: a claim renewed meanwhile is not taken.
-        assert idempotency.run_statement(db, functools.partial(idempotency.take_over, record=record, fingerprint="g"))
-        assert not idempotency.run_statement(
-            db, functools.partial(idempotency.take_over, record=record, fingerprint="h")
-        )
+        assert run_statement(db.engine, functools.partial(idempotency.take_over, record=record, fingerprint="g"))
+        assert not run_statement(db.engine, functools.partial(idempotency.take_over, record=record, fingerprint="h"))
         idempotency.finish_claim(db, lambda c: idempotency.store(c, user_id="u", key="k", status=200, body=b'{"a":1}'))
-        stored = idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k"))
+        stored = run_statement(db.engine, lambda c: idempotency.lookup(c, user_id="u", key="k"))
         assert stored is not None and (stored.state, stored.request_hash, stored.response_body) == (
             "done",
             "g",
@@ -182,6 +178,6 @@ def test_a_key_is_claimed_by_one_of_many_at_once_and_taken_over_only_when_stale(
         )
         assert idempotency.replay(stored).get_data() == b'{"a":1}'
         idempotency.finish_claim(db, lambda c: idempotency.release(c, user_id="u", key="k"))
-        assert idempotency.run_statement(db, lambda c: idempotency.lookup(c, user_id="u", key="k")) is None
+        assert run_statement(db.engine, lambda c: idempotency.lookup(c, user_id="u", key="k")) is None
     finally:
         db.dispose()

@@ -45,8 +45,7 @@ class ForwardResponse:
 
     def read_all(self) -> bytes:
         """The whole body; the connection goes back to the pool."""
-        data = b"".join(self.chunks())
-        return data
+        return b"".join(self.chunks())
 
     def chunks(self, limit: int = 64 * 1024) -> Iterator[bytes]:
         """The body as it arrives: whatever has come in, never waiting to fill a buffer. Raises `BodyCut`."""

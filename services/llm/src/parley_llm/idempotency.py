@@ -24,8 +24,7 @@ from sqlalchemy import Connection, Row, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from parley_kit.db import Database, utcnow
-from parley_kit.db import run_statement as db_run_statement
+from parley_kit.db import Database, run_statement, utcnow
 from parley_kit.errors import BadRequest, Conflict
 
 from .models import IdempotencyRecord
@@ -127,17 +126,12 @@ def release(session: Executor, *, user_id: str, key: str) -> None:
     session.execute(_RELEASE, {"p_user": user_id, "p_key": key})
 
 
-def run_statement(db: Database, statement: Callable[[Connection], T]) -> T:
-    """Run one of the statements above on its own (every one is safe to repeat): `parley_kit.db.run_statement`."""
-    return db_run_statement(db.engine, statement)
-
-
 def finish_claim(db: Database, write: Callable[[Connection], None]) -> None:
     """Store or release a claim, retried on a fresh connection when the database drops one (both writes are
     idempotent). Left pending otherwise (logged): a duplicate then waits, and the claim is taken over once stale —
     the answer already made is still the client's."""
     try:
-        run_statement(db, write)
+        run_statement(db.engine, write)
     except Exception:
         log.exception("could not finish an idempotency claim")
 
@@ -172,9 +166,9 @@ def idempotent(
             user_id, fingerprint = g.identity.subject, request_hash(request.path, raw)
             deadline = time.monotonic() + wait
             while True:
-                if run_statement(db, lambda c: claim(c, user_id=user_id, key=key, fingerprint=fingerprint)):
+                if run_statement(db.engine, lambda c: claim(c, user_id=user_id, key=key, fingerprint=fingerprint)):
                     break
-                record = run_statement(db, lambda c: lookup(c, user_id=user_id, key=key))
+                record = run_statement(db.engine, lambda c: lookup(c, user_id=user_id, key=key))
                 if record is None:
                     continue  # released between our insert and our read: claim again
                 if record.request_hash != fingerprint:
@@ -184,7 +178,7 @@ def idempotent(
                 if record.state == "done":
                     return replay(record)
                 if record.created_at < utcnow() - timedelta(seconds=stale_after) and run_statement(
-                    db, functools.partial(take_over, record=record, fingerprint=fingerprint)
+                    db.engine, functools.partial(take_over, record=record, fingerprint=fingerprint)
                 ):
                     break
                 if time.monotonic() > deadline:
