@@ -1,13 +1,17 @@
-"""Unit tests: no network, no database."""
+"""Unit tests: no database; the relayed-stream tests read a real loopback connection."""
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx2
 import pytest
 
 from parley_kit.errors import ErrorShape
+from parley_kit.forward import ForwardClient, ForwardResponse
+from parley_kit.testing import read_http_request
 from parley_llm import shape_for_path
 from parley_llm.catalog import CatalogError, load_catalog
 from parley_llm.relay import (
@@ -127,8 +131,28 @@ def test_settings_defaults() -> None:
     assert "dev-fake-key" not in repr(settings)
 
 
-def _stream_parts() -> tuple[httpx2.Response, CallContext, OpenAIStreamMeter, list[CallRecord]]:
-    """A relayed stream over an in-memory upstream answer, and the settlements it makes."""
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+STREAM_BODY = b'data: {"choices":[]}\n\ndata: [DONE]\n\n'
+
+
+def _stream_parts(
+    serve: Callable[[Callable[[socket.socket], None]], str], provider_saw_eof: threading.Event
+) -> tuple[ForwardResponse, CallContext, OpenAIStreamMeter, list[CallRecord]]:
+    """A relayed stream over a real upstream connection, and the settlements it makes. The provider sends its head,
+    waits a moment (a stream closed unstarted must close the connection before reading), then the body."""
+
+    def provider(connection: socket.socket) -> None:
+        read_http_request(connection)
+        connection.sendall(STREAM_HEAD)
+        connection.settimeout(0.3)
+        try:
+            if connection.recv(1) == b"":
+                provider_saw_eof.set()
+                return
+        except TimeoutError:
+            pass
+        connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(STREAM_BODY), STREAM_BODY))
+
     deployment = load_catalog(BUNDLED_MODELS_FILE).get("gpt-4o-mini")
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "four words of prompt"}]}
     ctx = CallContext(
@@ -140,23 +164,25 @@ def _stream_parts() -> tuple[httpx2.Response, CallContext, OpenAIStreamMeter, li
         body=body,
         started=0.0,
     )
-    upstream = httpx2.Response(200, content=b'data: {"choices":[]}\n\ndata: [DONE]\n\n')
+    upstream = ForwardClient(serve(provider)).request("POST", "/v1/chat/completions", body=b"{}", headers={})
     settled: list[CallRecord] = []
     return upstream, ctx, OpenAIStreamMeter(ctx.new_record(streamed=True), client_wants_usage=False), settled
 
 
-def test_a_stream_closed_before_its_first_event_still_settles_once() -> None:
+def test_a_stream_closed_before_its_first_event_still_settles_once(serve) -> None:  # type: ignore[no-untyped-def]
     """A generator closed unstarted skips its `finally`: the relayed stream settles (cancelled) and closes anyway."""
-    upstream, ctx, meter, settled = _stream_parts()
+    provider_saw_eof = threading.Event()
+    upstream, ctx, meter, settled = _stream_parts(serve, provider_saw_eof)
     stream = RelayedStream(upstream, ctx, meter, lambda _c, record, _t: settled.append(record), total_timeout=5)
     stream.close()
     assert [(r.status, r.input_tokens) for r in settled] == [("cancelled", 4)]
-    assert upstream.is_closed
+    assert provider_saw_eof.wait(5)
 
 
-def test_a_relayed_stream_read_to_the_end_settles_once() -> None:
+def test_a_relayed_stream_read_to_the_end_settles_once(serve) -> None:  # type: ignore[no-untyped-def]
     """The normal path settles exactly once, from the generator's own `finally`."""
-    upstream, ctx, meter, settled = _stream_parts()
+    provider_saw_eof = threading.Event()
+    upstream, ctx, meter, settled = _stream_parts(serve, provider_saw_eof)
     stream = RelayedStream(upstream, ctx, meter, lambda _c, record, _t: settled.append(record), total_timeout=5)
     list(stream)
     stream.close()

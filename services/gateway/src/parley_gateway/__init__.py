@@ -12,6 +12,7 @@ from flask_openapi3 import OpenAPI
 from parley_kit.amqp import Consumer
 from parley_kit.app import create_service_app
 from parley_kit.errors import ServiceUnavailable
+from parley_kit.forward import ForwardClient
 from parley_kit.health import Health
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
@@ -21,7 +22,6 @@ from . import routing
 from .cors import Cors
 from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
 from .docs import SpecCache, docs_blueprint
-from .forward import ForwardClient
 from .headers import SECURITY_HEADERS
 from .metrics import start_known_series_at_zero
 from .proxy import Proxy
@@ -107,7 +107,7 @@ def build_forwarders(settings: GatewaySettings) -> dict[Upstream, ForwardClient]
     return {
         upstream: ForwardClient(
             url,
-            name=upstream.value,
+            headers={"User-Agent": "parley-gateway"},
             connect_timeout=settings.connect_timeout,
             read_timeout=read_timeout,
             max_connections=settings.worker_connections,

@@ -19,12 +19,19 @@ from urllib.parse import quote
 import orjson
 
 from parley_kit import errors, tracing
-from parley_kit.errors import BadRequest, GatewayTimeout, ParleyError, PayloadTooLarge, UpstreamError
+from parley_kit.errors import (
+    BadRequest,
+    GatewayTimeout,
+    ParleyError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from parley_kit.forward import BodyCut, ForwardClient, ForwardResponse, Unreachable
 from parley_kit.metrics import HTTP_SERVER_DURATION
 
 from . import routing
 from .credentials import EdgeAuthenticator
-from .forward import BodyCut, ForwardClient, ForwardResponse
 from .headers import API_CSP, SECURITY_HEADERS, client_response_headers, upstream_request_headers
 from .metrics import AUTH_FAILURES, GATEWAY_OVERHEAD
 from .ratelimit import DefaultLimits, RateLimiter, Scope, UsageMeter
@@ -106,7 +113,10 @@ class Proxy:
         client = self._upstreams[route.upstream]
 
         sent = time.perf_counter()
-        upstream = client.request(method, target, body=body, headers=headers)
+        try:
+            upstream = client.request(method, target, body=body, headers=headers)
+        except (OSError, ValueError) as exc:
+            raise hop_error(route.upstream.value, exc) from exc
         status = upstream.status
         settlement = (
             Settlement(self._limiter, token_scopes, UsageMeter(len(body) if body else 0))
@@ -116,9 +126,9 @@ class Proxy:
         content_length = upstream.header("content-length")
         content_type = upstream.header("content-type") or ""
         if method == "HEAD" or status in (204, 304):
-            payload: Iterable[bytes] = [_read_all(upstream, client)]
+            payload: Iterable[bytes] = [_read_all(upstream, route.upstream.value)]
         elif content_length and content_length.isdigit() and int(content_length) <= INLINE_BODY_LIMIT:
-            data = _read_all(upstream, client)
+            data = _read_all(upstream, route.upstream.value)
             payload = [data] if settlement is None else SettledBody(data, settlement)
         else:
             payload = Relay(
@@ -388,14 +398,23 @@ def upstream_target(environ: Mapping[str, Any]) -> str:
     return f"{path}?{query}" if query else path
 
 
-def _read_all(upstream: ForwardResponse, client: ForwardClient) -> bytes:
+def hop_error(service: str, exc: Exception) -> ParleyError:
+    """What the client is told when the hop to a service fails: 503 unreachable, 504 silent, 502 cut, 400 unsendable."""
+    if isinstance(exc, Unreachable):
+        return ServiceUnavailable(f"the {service} service is unreachable")
+    if isinstance(exc, TimeoutError):
+        return GatewayTimeout(f"the {service} service did not answer in time")
+    if isinstance(exc, ValueError):  # a header value or target that is not valid HTTP/1.1
+        return BadRequest(f"the request cannot be forwarded: {exc}")
+    return UpstreamError(f"the {service} service closed the connection")
+
+
+def _read_all(upstream: ForwardResponse, service: str) -> bytes:
     """Read a short answer whole; a broken one becomes 502/504 (nothing has been sent to the client yet)."""
     try:
         return upstream.read_all()
-    except TimeoutError as exc:
-        raise GatewayTimeout(f"the {client.name} service did not answer in time") from exc
-    except (BodyCut, OSError) as exc:
-        raise UpstreamError(f"the {client.name} service closed the connection") from exc
+    except OSError as exc:
+        raise hop_error(service, exc) from exc
     finally:
         upstream.close()
 

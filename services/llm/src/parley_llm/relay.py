@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import httpx2
 import orjson
 from sqlalchemy import Engine
 
 from parley_kit.batching import GroupCommit
 from parley_kit.db import retry_lost_connection, run_statement, utcnow
 from parley_kit.errors import ParleyError, UpstreamError
+from parley_kit.forward import ForwardResponse
 
 from . import budgets, service
 from .catalog import Deployment, Operation, Provider
@@ -43,7 +43,7 @@ class CallContext:
     operation: str  # chat | embeddings | messages
     body: dict[str, Any]
     started: float  # perf_counter at request start
-    response: Any = None  # the upstream response once routed
+    response: ForwardResponse | None = None  # the upstream stream once routed
     reservation: Any = None  # the budget reservation to settle, if the caller has budgets
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its usage row's identity (written once)
 
@@ -185,8 +185,8 @@ def complete(
     record = ctx.new_record()
     provider = ctx.deployment.provider
     try:
-        routed_to(ctx, record, router.post(ctx.deployment, path, content, stream=False, headers=headers))
-        body = ctx.response.content
+        ctx.deployment, body = router.complete(ctx.deployment, path, content, headers=headers)
+        routed_to(ctx, record)
         try:
             read_usage(record, provider, orjson.loads(body))
         except orjson.JSONDecodeError:
@@ -321,10 +321,10 @@ class AnthropicStreamMeter(StreamMeter):
         return b"event: error\ndata: " + orjson.dumps(body)
 
 
-def sse_events(response: httpx2.Response, deadline: float) -> Iterator[bytes]:
+def sse_events(response: ForwardResponse, deadline: float) -> Iterator[bytes]:
     """The upstream's SSE events (without their blank line) as they arrive; a trailing partial event is dropped."""
     buffer = b""
-    for chunk in response.iter_bytes():
+    for chunk in response.chunks():
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
         buffer += chunk
@@ -342,7 +342,7 @@ class RelayedStream:
     covers that case itself."""
 
     def __init__(
-        self, response: httpx2.Response, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
+        self, response: ForwardResponse, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
     ) -> None:
         self._response, self._ctx, self._meter, self._settle = response, ctx, meter, settle
         self._events = _relay(response, ctx, meter, settle, total_timeout=total_timeout)
@@ -366,7 +366,7 @@ class RelayedStream:
 
 
 def _relay(
-    response: httpx2.Response, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
+    response: ForwardResponse, ctx: CallContext, meter: StreamMeter, settle: Settle, *, total_timeout: float
 ) -> Iterator[bytes]:
     """Forward the upstream's events one by one; whatever ends the stream, close the upstream and settle once."""
     record = meter.record
@@ -389,7 +389,7 @@ def _relay(
         # The client went away: stop reading at once (closing below drops the upstream connection).
         record.status, record.error_type = "cancelled", "cancelled"
         raise
-    except (httpx2.HTTPError, TimeoutError) as exc:
+    except OSError as exc:  # a cut stream (BodyCut), a silent one (TimeoutError)
         record.status, record.error_type = "error", type(exc).__name__
         yield meter.error_event(f"the {provider} provider stream failed") + b"\n\n"
     finally:
@@ -402,9 +402,8 @@ def _relay(
         settle(ctx, record, first_chunk)
 
 
-def routed_to(ctx: CallContext, record: CallRecord, routed: tuple[Deployment, httpx2.Response]) -> None:
-    """Point the context and record at the deployment that answered (a fallback is charged at its own price)."""
-    ctx.deployment, ctx.response = routed
+def routed_to(ctx: CallContext, record: CallRecord) -> None:
+    """Point the record at the deployment that answered (a fallback is charged at its own price)."""
     record.provider = ctx.deployment.provider.value
     record.request_model = ctx.deployment.name
     record.upstream_model = ctx.deployment.upstream_model
@@ -419,10 +418,11 @@ def start_stream(
     content: bytes,
     settle: Settle,
     headers: dict[str, str] | None = None,
-) -> httpx2.Response:
+) -> ForwardResponse:
     """Open the upstream stream; a refusal before the first byte is settled as an error and raised."""
     try:
-        routed_to(ctx, record, router.post(ctx.deployment, path, content, stream=True, headers=headers))
+        ctx.deployment, ctx.response = router.open_stream(ctx.deployment, path, content, headers=headers)
+        routed_to(ctx, record)
         return ctx.response
     except ParleyError as exc:
         record.status = "error"

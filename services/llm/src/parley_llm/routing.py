@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx2
 import orjson
 from prometheus_client import Gauge
 
 from parley_kit.errors import ParleyError, ServiceUnavailable
+from parley_kit.forward import ForwardResponse
 
 from .catalog import Catalog, Deployment
 from .upstream import Upstreams
@@ -199,14 +199,25 @@ class Router:
             headers={"retry-after": str(max(1, round(retry_in)))},
         )
 
-    def post(
-        self, deployment: Deployment, path: str, content: bytes, *, stream: bool, headers: dict[str, str] | None = None
-    ) -> tuple[Deployment, httpx2.Response]:
-        """POST the request to the first deployment that answers; a stream is returned once its status is 200."""
+    def complete(
+        self, deployment: Deployment, path: str, content: bytes, *, headers: dict[str, str] | None = None
+    ) -> tuple[Deployment, bytes]:
+        """POST the request to the first deployment that answers; its whole answer."""
 
-        def attempt(target: Deployment) -> httpx2.Response:
+        def attempt(target: Deployment) -> bytes:
             body = with_model(content, target, deployment)
-            return self.upstreams.post(target.provider, path, body, stream=stream, headers=headers)
+            return self.upstreams.complete(target.provider, path, body, headers=headers)
+
+        return self.call(deployment, attempt)
+
+    def open_stream(
+        self, deployment: Deployment, path: str, content: bytes, *, headers: dict[str, str] | None = None
+    ) -> tuple[Deployment, ForwardResponse]:
+        """POST the request to the first deployment that answers; its stream, once its status is 2xx."""
+
+        def attempt(target: Deployment) -> ForwardResponse:
+            body = with_model(content, target, deployment)
+            return self.upstreams.open(target.provider, path, body, stream=True, headers=headers)
 
         return self.call(deployment, attempt)
 

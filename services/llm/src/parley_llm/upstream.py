@@ -1,17 +1,18 @@
-"""The provider SDK clients (built once per worker) and their low-level `post`, with errors made safe to show.
+"""The hop to the providers: each provider's wire (base URL, auth and version headers) as its SDK defines it, and
+keep-alive pools that send the client's bytes and hand back the provider's, unparsed.
 
-We call the SDKs' own `post` with `cast_to=httpx2.Response`: the SDK adds auth, headers and the base URL, and we
-skip its response models entirely, forwarding the provider's bytes. SDK retries are off (ours come later).
+The SDK client is built once per worker and asked for its base URL and headers; each call then goes out on the kit's
+`ForwardClient` (geventhttpclient). Why not the SDK's own `post`: it rebuilds the request, its headers and an httpx
+client round on every call, which with its transport was ~48% of an llm worker's CPU under load, for bytes we never
+let it parse (bench/README.md). Provider errors become ParleyErrors safe to show a client.
 """
 
 from __future__ import annotations
 
 import logging
-import urllib.request
-from typing import Any
+from urllib.parse import urlsplit
 
 import anthropic
-import httpx2
 import openai
 import orjson
 
@@ -25,20 +26,39 @@ from parley_kit.errors import (
     RateLimited,
     UpstreamError,
 )
+from parley_kit.forward import ForwardClient, ForwardResponse
 
 from .catalog import Provider
 from .settings import LlmSettings
-from .transport import Urllib3Transport
 
 log = logging.getLogger(__name__)
 
 _BY_STATUS: dict[int, type[ParleyError]] = {404: NotFound, 409: Conflict, 413: PayloadTooLarge}
 
 
+def sdk_headers(client: openai.OpenAI | anthropic.Anthropic) -> dict[str, str]:
+    """What the SDK sends on every request: its auth, version and identification headers (unset ones left out)."""
+    merged = {**client.auth_headers, **client.default_headers}
+    return {name: value for name, value in merged.items() if isinstance(value, str)}
+
+
 class Upstreams:
-    """One OpenAI and one Anthropic SDK client per worker, with explicit timeouts and no retries."""
+    """Per worker and provider: two pools (a stream waits `first_byte_timeout` per read, a whole answer
+    `total_timeout`), no retries (the router's loop decides)."""
 
     def __init__(self, settings: LlmSettings) -> None:
+        sdks: dict[Provider, openai.OpenAI | anthropic.Anthropic] = {
+            Provider.OPENAI: openai.OpenAI(
+                api_key=settings.openai_api_key,
+                base_url=settings.openai_base_url,
+                organization=None,
+                project=None,
+                max_retries=0,
+            ),
+            Provider.ANTHROPIC: anthropic.Anthropic(
+                api_key=settings.anthropic_api_key, base_url=settings.anthropic_base_url, max_retries=0
+            ),
+        }
         self._secrets = tuple(
             s
             for s in (
@@ -46,95 +66,99 @@ class Upstreams:
                 settings.anthropic_api_key,
                 settings.openai_base_url.rstrip("/"),
                 settings.anthropic_base_url.rstrip("/"),
-                httpx2.URL(settings.openai_base_url).host,
-                httpx2.URL(settings.anthropic_base_url).host,
+                urlsplit(settings.openai_base_url).hostname,
+                urlsplit(settings.anthropic_base_url).hostname,
             )
             if s
         )
-        # read = the wait for the next byte: for streams the first chunk (and each gap); non-streams get the
-        # total budget per request, since their first byte is the whole answer.
-        self.stream_timeout = httpx2.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.first_byte_timeout,
-            write=settings.first_byte_timeout,
-            pool=settings.connect_timeout,
-        )
-        self.whole_timeout = httpx2.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.total_timeout,
-            write=settings.first_byte_timeout,
-            pool=settings.connect_timeout,
-        )
         self.total_timeout = settings.total_timeout
-        # httpx honours HTTP(S)_PROXY and ALL_PROXY only with its own transport: where an egress proxy is configured,
-        # the SDKs keep httpx's (the urllib3 one is for the direct path).
-        limits = httpx2.Limits(
-            max_connections=settings.worker_connections,
-            max_keepalive_connections=min(settings.worker_connections, 512),
-        )
-        transport = (
-            None if urllib.request.getproxies() else Urllib3Transport(max_connections=settings.worker_connections)
-        )
-        self.openai = openai.OpenAI(
-            api_key=settings.openai_api_key,
-            base_url=settings.openai_base_url,
-            organization=None,
-            project=None,
-            max_retries=0,
-            timeout=self.stream_timeout,
-            http_client=openai.DefaultHttpxClient(transport=transport, limits=limits, timeout=self.stream_timeout),
-        )
-        self.anthropic = anthropic.Anthropic(
-            api_key=settings.anthropic_api_key,
-            base_url=settings.anthropic_base_url,
-            max_retries=0,
-            timeout=self.stream_timeout,
-            http_client=anthropic.DefaultHttpxClient(transport=transport, limits=limits, timeout=self.stream_timeout),
-        )
-
-    def post(
-        self, provider: Provider, path: str, content: bytes, *, stream: bool, headers: dict[str, str] | None = None
-    ) -> httpx2.Response:
-        """POST raw JSON bytes to the provider; a stream's response is returned unread. Errors become ParleyErrors."""
-        client: Any = self.openai if provider is Provider.OPENAI else self.anthropic
-        options: dict[str, Any] = {"timeout": self.stream_timeout if stream else self.whole_timeout}
-        if headers:
-            options["headers"] = headers
-        try:
-            return client.post(path, cast_to=httpx2.Response, content=content, stream=stream, options=options)
-        except (openai.APIStatusError, anthropic.APIStatusError) as exc:
-            raise self.status_error(provider, exc.response) from None
-        except (openai.APITimeoutError, anthropic.APITimeoutError):
-            error: ParleyError = GatewayTimeout(
-                f"the {provider.value} provider did not answer in time", code="upstream_timeout"
+        self._pools: dict[tuple[Provider, bool], ForwardClient] = {
+            (provider, stream): ForwardClient(
+                str(sdk.base_url),
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.first_byte_timeout if stream else settings.total_timeout,
+                max_connections=settings.worker_connections,
+                headers=sdk_headers(sdk),
+                trace=False,  # our trace ids stay inside the platform
+                egress=True,
             )
-        except (openai.APIConnectionError, anthropic.APIConnectionError):
-            error = UpstreamError(f"the {provider.value} provider is unreachable", code="upstream_unreachable")
-        error.upstream_status = 0  # type: ignore[attr-defined]
-        raise error
+            for provider, sdk in sdks.items()
+            for stream in (False, True)
+        }
 
-    def status_error(self, provider: Provider, response: httpx2.Response) -> ParleyError:
-        """The client-facing error for a provider's 4xx/5xx: its status (5xx → 502), its message minus secrets."""
-        status = response.status_code
-        error = self._status_error(provider, status, response)
-        # The retry loop reads what the provider said, not what the client will see.
-        error.upstream_status = status  # type: ignore[attr-defined]
-        error.retry_after = _retry_after(response.headers.get("retry-after"))  # type: ignore[attr-defined]
+    def complete(
+        self, provider: Provider, path: str, content: bytes, *, headers: dict[str, str] | None = None
+    ) -> bytes:
+        """POST raw JSON bytes and read the whole answer (within `total_timeout` per read). Errors are ParleyErrors."""
+        response = self.open(provider, path, content, stream=False, headers=headers)
+        try:
+            return response.read_all()
+        except TimeoutError:
+            raise self._timed_out(provider) from None
+        except OSError:
+            raise self._cut(provider) from None
+        finally:
+            response.close()
+
+    def open(
+        self, provider: Provider, path: str, content: bytes, *, stream: bool, headers: dict[str, str] | None = None
+    ) -> ForwardResponse:
+        """POST raw JSON bytes; a 2xx answer is returned with its body unread. Errors are ParleyErrors."""
+        pool = self._pools[provider, stream]
+        try:
+            response = pool.request("POST", pool.path_prefix + path, body=content, headers=headers or {})
+        except TimeoutError:
+            raise self._timed_out(provider) from None
+        except (OSError, ValueError):
+            raise self._unreachable(provider) from None
+        if response.status >= 400:
+            try:
+                body = response.read_all()
+            except OSError:
+                body = b""
+            finally:
+                response.close()
+            raise self.status_error(provider, response.status, body, response.header("retry-after"))
+        return response
+
+    @staticmethod
+    def _timed_out(provider: Provider) -> ParleyError:
+        error = GatewayTimeout(f"the {provider.value} provider did not answer in time", code="upstream_timeout")
+        error.upstream_status = 0  # type: ignore[attr-defined]
         return error
 
-    def _status_error(self, provider: Provider, status: int, response: httpx2.Response) -> ParleyError:
+    @staticmethod
+    def _cut(provider: Provider) -> ParleyError:
+        error = UpstreamError(f"the {provider.value} provider closed the connection", code="upstream_cut")
+        error.upstream_status = 0  # type: ignore[attr-defined]
+        return error
+
+    @staticmethod
+    def _unreachable(provider: Provider) -> ParleyError:
+        error = UpstreamError(f"the {provider.value} provider is unreachable", code="upstream_unreachable")
+        error.upstream_status = 0  # type: ignore[attr-defined]
+        return error
+
+    def status_error(self, provider: Provider, status: int, body: bytes, retry_after: str | None) -> ParleyError:
+        """The client-facing error for a provider's 4xx/5xx: its status (5xx → 502), its message minus secrets."""
+        error = self._status_error(provider, status, body, retry_after)
+        # The retry loop reads what the provider said, not what the client will see.
+        error.upstream_status = status  # type: ignore[attr-defined]
+        error.retry_after = _retry_after(retry_after)  # type: ignore[attr-defined]
+        return error
+
+    def _status_error(self, provider: Provider, status: int, body: bytes, retry_after: str | None) -> ParleyError:
         """Map one provider error answer to a ParleyError."""
-        message, code = _provider_message(response.content)
+        message, code = _provider_message(body)
         log.warning(
             "provider answered an error",
             extra={"gen_ai.provider.name": provider.value, "http.response.status_code": status, "error.code": code},
         )
         if status == 429:
-            headers = {"retry-after": response.headers["retry-after"]} if "retry-after" in response.headers else {}
             return RateLimited(
                 self.redact(message) or "the provider is rate limiting requests",
                 code=code or "rate_limit_exceeded",
-                headers=headers,
+                headers={"retry-after": retry_after} if retry_after is not None else {},
             )
         if status in (401, 403):
             # The provider refused *our* key: the client's credentials are fine, so this is our (gateway) failure.
@@ -159,8 +183,8 @@ class Upstreams:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self.openai.close()
-        self.anthropic.close()
+        for pool in self._pools.values():
+            pool.close()
 
 
 def _retry_after(value: str | None) -> float | None:

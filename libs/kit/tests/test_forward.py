@@ -1,5 +1,5 @@
-"""The gateway's hop (geventhttpclient) against raw sockets of the test's own: keep-alive reuse, a body read as it
-arrives, and each way the wire can fail mapped to the Parley error the client gets."""
+"""The hop client (geventhttpclient) against raw sockets of the test's own: keep-alive reuse, a body read as it
+arrives, each way the wire can fail as the exception callers map, and the egress proxy (used only when asked)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from parley_gateway.forward import BodyCut, ForwardClient
-from parley_kit.errors import GatewayTimeout, ServiceUnavailable, UpstreamError
+from parley_kit.forward import BodyCut, ForwardClient, HopError, Unreachable
 from parley_kit.testing import free_port, read_http_request
 
 ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
@@ -33,7 +32,7 @@ def test_answers_reuse_one_keep_alive_connection(serve) -> None:  # type: ignore
             heads.append(head)
             answer(connection)
 
-    client = ForwardClient(serve(handle), name="llm")
+    client = ForwardClient(serve(handle))
     for _ in range(3):
         response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={"x-test": "1"})
         assert (response.status, response.header("content-type")) == (200, "application/json")
@@ -54,7 +53,7 @@ def test_a_stream_is_read_as_it_arrives(serve) -> None:  # type: ignore[no-untyp
         release.wait(10)  # the second event is only sent once the client has seen the first
         connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(SECOND), SECOND))
 
-    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    response = ForwardClient(serve(handle)).request("POST", "/v1/chat/completions", body=b"{}", headers={})
     chunks = response.chunks()
     assert next(chunks) == FIRST
     release.set()
@@ -66,34 +65,34 @@ def test_an_answer_cut_mid_body_is_an_error_not_a_short_body(serve) -> None:  # 
         read_http_request(connection)
         connection.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":')
 
-    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    response = ForwardClient(serve(handle)).request("POST", "/v1/chat/completions", body=b"{}", headers={})
     with pytest.raises(BodyCut):
         response.read_all()
 
 
-def test_a_refused_connection_is_503_naming_the_service() -> None:
-    with pytest.raises(ServiceUnavailable, match="the llm service is unreachable"):
-        ForwardClient(f"http://127.0.0.1:{free_port()}", name="llm").request("GET", "/x", body=None, headers={})
+def test_a_refused_connection_is_unreachable_after_the_retries() -> None:
+    with pytest.raises(Unreachable):
+        ForwardClient(f"http://127.0.0.1:{free_port()}").request("GET", "/x", body=None, headers={})
 
 
-def test_no_answer_within_the_read_timeout_is_504(serve) -> None:  # type: ignore[no-untyped-def]
+def test_no_answer_within_the_read_timeout_is_a_timeout(serve) -> None:  # type: ignore[no-untyped-def]
     def handle(connection: socket.socket) -> None:
         read_http_request(connection)
         time.sleep(2)
 
-    client = ForwardClient(serve(handle), name="llm", read_timeout=0.3)
+    client = ForwardClient(serve(handle), read_timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(GatewayTimeout):
+    with pytest.raises(TimeoutError):
         client.request("POST", "/v1/chat/completions", body=b"{}", headers={})
     assert time.monotonic() - started < 1.5
 
 
-def test_a_connection_closed_without_an_answer_is_502(serve) -> None:  # type: ignore[no-untyped-def]
+def test_a_connection_closed_without_an_answer_is_a_cut(serve) -> None:  # type: ignore[no-untyped-def]
     def handle(connection: socket.socket) -> None:
         read_http_request(connection)  # and close: no status line at all
 
-    with pytest.raises(UpstreamError, match="closed the connection"):
-        ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    with pytest.raises(BodyCut):
+        ForwardClient(serve(handle)).request("POST", "/v1/chat/completions", body=b"{}", headers={})
 
 
 def test_an_abort_cuts_the_connection_so_the_service_sees_it_at_once(serve) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +106,34 @@ def test_an_abort_cuts_the_connection_so_the_service_sees_it_at_once(serve) -> N
         if connection.recv(1) == b"":
             saw_eof.set()
 
-    response = ForwardClient(serve(handle), name="llm").request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    response = ForwardClient(serve(handle)).request("POST", "/v1/chat/completions", body=b"{}", headers={})
     response.abort()
     response.close()
     assert saw_eof.wait(5)
+
+
+def test_a_base_url_path_is_a_prefix_and_https_is_accepted() -> None:
+    assert ForwardClient("http://127.0.0.1:9/v1/").path_prefix == "/v1"
+    assert ForwardClient("https://api.example.com").path_prefix == ""
+    with pytest.raises(ValueError):
+        ForwardClient("ftp://example.com")
+
+
+def test_egress_calls_go_through_the_environments_proxy_and_internal_hops_never_do(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The provider's host does not even resolve: only the proxy can answer. The same URL without `egress` fails."""
+    seen: list[bytes] = []
+
+    def proxy(connection: socket.socket) -> None:
+        seen.append(read_http_request(connection))
+        answer(connection)
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
+    client = ForwardClient("http://provider.invalid/v1", egress=True, trace=False)
+    response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={})
+    assert (response.status, response.read_all()) == (200, ANSWER)
+    assert seen[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1\r\n")
+    assert b"traceparent" not in seen[0].lower()
+    with pytest.raises(HopError):
+        ForwardClient("http://provider.invalid/v1").request("POST", "/v1/chat/completions", body=b"{}", headers={})

@@ -1,0 +1,134 @@
+"""The provider hop against raw sockets of the test's own: the SDK's wire headers on one keep-alive connection, each way
+a provider can fail as the error a client sees (and the retry loop reads), and the egress proxy."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from parley_kit.errors import GatewayTimeout, ParleyError, RateLimited, UpstreamError
+from parley_kit.testing import free_port, read_http_request
+from parley_llm.catalog import Provider
+from parley_llm.settings import LlmSettings
+from parley_llm.upstream import Upstreams
+
+ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+
+
+def reply(connection: socket.socket, body: bytes = ANSWER, status: bytes = b"200 OK", extra: bytes = b"") -> None:
+    connection.sendall(
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (status, len(body), extra, body)
+    )
+
+
+def upstreams(url: str, **settings: object) -> Upstreams:
+    return Upstreams(
+        LlmSettings(
+            openai_base_url=f"{url}/v1",
+            openai_api_key="sk-openai-test",
+            anthropic_base_url=url,
+            anthropic_api_key="sk-ant-test",
+            **settings,
+        )
+    )
+
+
+def test_calls_carry_each_sdks_headers_on_one_keep_alive_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    connections: list[int] = []
+    heads: list[bytes] = []
+
+    def handle(connection: socket.socket) -> None:
+        connections.append(1)
+        while head := read_http_request(connection):
+            heads.append(head.lower())
+            reply(connection)
+
+    hop = upstreams(serve(handle))
+    try:
+        for _ in range(3):
+            assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == ANSWER
+        assert hop.complete(Provider.ANTHROPIC, "/v1/messages", b"{}", headers={"anthropic-beta": "b1"}) == ANSWER
+    finally:
+        hop.close()
+    assert len(connections) == 2  # one per provider pool, reused
+    openai_head, anthropic_head = heads[0], heads[3]
+    assert openai_head.startswith(b"post /v1/chat/completions http/1.1\r\n")
+    assert b"authorization: bearer sk-openai-test" in openai_head and b"user-agent: openai/python" in openai_head
+    assert anthropic_head.startswith(b"post /v1/messages http/1.1\r\n")
+    assert b"anthropic-version: " in anthropic_head and b"anthropic-beta: b1" in anthropic_head
+    assert b"sk-ant-test" in anthropic_head
+    for head in heads:  # our trace ids stay inside; bytes are passed through, so nothing may come back compressed
+        assert b"traceparent" not in head and b"accept-encoding" not in head
+
+
+@pytest.mark.parametrize(
+    ("status", "extra", "expected", "code", "retry_after"),
+    [
+        (b"429 Too Many Requests", b"retry-after: 7\r\n", RateLimited, "rate_limit_exceeded", 7.0),
+        (b"500 Internal Server Error", b"", UpstreamError, "upstream_error", None),
+        (b"401 Unauthorized", b"", UpstreamError, "upstream_auth", None),
+    ],
+)
+def test_provider_errors_become_client_errors_without_secrets(  # type: ignore[no-untyped-def]
+    serve, status: bytes, extra: bytes, expected: type[ParleyError], code: str, retry_after: float | None
+) -> None:
+    def handle(connection: socket.socket) -> None:
+        while read_http_request(connection):
+            reply(connection, b'{"error":{"message":"bad key sk-openai-test"}}', status, extra)
+
+    hop = upstreams(serve(handle))
+    try:
+        with pytest.raises(expected) as caught:
+            hop.complete(Provider.OPENAI, "/chat/completions", b"{}")
+    finally:
+        hop.close()
+    error = caught.value
+    assert error.code == code and "sk-openai-test" not in str(error)
+    assert error.upstream_status == int(status[:3])  # type: ignore[attr-defined]
+    assert error.retry_after == retry_after  # type: ignore[attr-defined]
+
+
+def test_unreachable_silent_and_cut_providers(serve) -> None:  # type: ignore[no-untyped-def]
+    refused = upstreams(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UpstreamError) as caught:
+        refused.complete(Provider.OPENAI, "/chat/completions", b"{}")
+    assert caught.value.code == "upstream_unreachable"
+
+    def silent(connection: socket.socket) -> None:
+        read_http_request(connection)
+        time.sleep(2)
+
+    started = time.monotonic()
+    with pytest.raises(GatewayTimeout) as timed_out:
+        upstreams(serve(silent), total_timeout=0.3).complete(Provider.OPENAI, "/chat/completions", b"{}")
+    assert timed_out.value.code == "upstream_timeout" and time.monotonic() - started < 1.5
+
+    def cut(connection: socket.socket) -> None:
+        read_http_request(connection)
+        connection.sendall(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"id":')
+
+    with pytest.raises(UpstreamError) as cut_short:
+        upstreams(serve(cut)).complete(Provider.OPENAI, "/chat/completions", b"{}")
+    assert cut_short.value.code == "upstream_cut"
+
+
+def test_with_an_egress_proxy_configured_provider_calls_go_through_it(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The provider's host does not even resolve: only the proxy can answer."""
+    seen: list[bytes] = []
+
+    def proxy(connection: socket.socket) -> None:
+        seen.append(read_http_request(connection))
+        reply(connection)
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
+    hop = upstreams("http://provider.invalid")
+    try:
+        assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == ANSWER
+    finally:
+        hop.close()
+    assert seen and seen[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1")
