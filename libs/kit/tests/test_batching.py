@@ -1,4 +1,5 @@
-"""Group commit: every item written exactly once, lone items at once in the caller, concurrent ones coalesced."""
+"""Batching: group commit (every item written exactly once, lone items at once in the caller, concurrent ones
+coalesced) and the coalescer (each caller gets its own answer, batches form while one is in flight)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from parley_kit.batching import GroupCommit
+from parley_kit.batching import Coalescer, GroupCommit
 
 
 class Store:
@@ -98,3 +99,86 @@ def test_a_writer_killed_mid_write_hands_over_to_the_next_caller() -> None:
         commit.add(1)
     commit.add(2)  # not stuck behind a writer that is gone
     assert written == [[2]]
+
+
+class Doubler:
+    """A round trip answering each item with its double; the first batch waits until `release` (others queue)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.fail_next = False
+
+    def run(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            self.release.wait(10)
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("the round trip failed")
+        return [item * 2 for item in items]
+
+
+def call_in_threads(
+    coalesce: Coalescer[int, int], items: list[int]
+) -> tuple[dict[int, object], list[threading.Thread]]:
+    answers: dict[int, object] = {}
+
+    def call(item: int) -> None:
+        try:
+            answers[item] = coalesce(item)
+        except ConnectionError as exc:
+            answers[item] = exc
+
+    threads = [threading.Thread(target=call, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    return answers, threads
+
+
+def test_a_lone_call_runs_at_once_in_its_caller() -> None:
+    doubler = Doubler()
+    doubler.release.set()
+    coalesce = Coalescer(doubler.run)
+    assert (coalesce(1), coalesce(2)) == (2, 4)
+    assert doubler.batches == [[1], [2]]
+
+
+def test_calls_arriving_during_a_round_trip_go_out_together_each_with_its_own_answer() -> None:
+    doubler = Doubler()
+    coalesce = Coalescer(doubler.run)
+    first, first_threads = call_in_threads(coalesce, [1])
+    _wait_for(lambda: len(doubler.batches) == 1)
+    rest, threads = call_in_threads(coalesce, list(range(2, 12)))
+    _wait_for(lambda: len(coalesce._queue) == 10)
+    doubler.release.set()
+    for thread in first_threads + threads:
+        thread.join(10)
+    assert first == {1: 2}
+    assert rest == {item: item * 2 for item in range(2, 12)}
+    assert doubler.batches[0] == [1] and sorted(doubler.batches[1]) == list(range(2, 12))
+    assert len(doubler.batches) == 2
+
+
+def test_a_failed_round_trip_is_raised_to_every_caller_in_it_and_the_next_batch_still_runs() -> None:
+    doubler = Doubler()
+    coalesce = Coalescer(doubler.run, max_batch=3)
+    first, first_threads = call_in_threads(coalesce, [1])
+    _wait_for(lambda: len(doubler.batches) == 1)
+    rest, threads = call_in_threads(coalesce, [2, 3, 4, 5, 6])
+    _wait_for(lambda: len(coalesce._queue) == 5)
+    doubler.fail_next = True  # the first batch fails
+    doubler.release.set()
+    for thread in first_threads + threads:
+        thread.join(10)
+    assert isinstance(first[1], ConnectionError)
+    assert {item: answer for item, answer in rest.items()} == {n: n * 2 for n in (2, 3, 4, 5, 6)}
+    assert [len(batch) for batch in doubler.batches] == [1, 3, 2]  # max_batch bounds each round trip
+    assert coalesce(7) == 14  # nothing is left in flight
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

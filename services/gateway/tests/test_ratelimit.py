@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -351,3 +352,38 @@ def test_more_checks_in_flight_than_redis_connections_all_get_an_answer(redis_ur
     assert len(decisions) == 64
     remaining = sorted(int(dict(d.headers)["x-ratelimit-remaining-requests"]) for d in decisions)
     assert remaining == list(range(1000 - 64, 1000))  # each one counted exactly once
+
+
+def test_concurrent_checks_share_round_trips_and_each_is_counted_in_order(redis_url: str, redis_prefix: str) -> None:
+    """30 concurrent checks of two different principals: fewer EVALSHAs than checks (they coalesce), yet each limit
+    admits exactly its count, each admitted request sees its own place in the window, and the rest get 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limiter = RedisRateLimiter(
+        redis_url, prefix=f"{redis_prefix}{uuid.uuid4().hex[:8]}:", timeout=1.0, failure_mode="closed"
+    )
+    round_trips: list[int] = []
+    script = limiter._check
+
+    def counted(**kwargs: object) -> object:
+        round_trips.append(1)
+        time.sleep(0.01)  # a slower Redis: checks arriving meanwhile queue for the next round trip
+        return script(**kwargs)
+
+    limiter._check = counted  # type: ignore[method-assign]
+    first = (Scope("key", "k1", 10, 0), Scope("user", "u1", 1000, 0))
+    second = (Scope("key", "k2", 5, 0),)
+
+    def check(scopes: tuple[Scope, ...]) -> tuple[str, int | None]:
+        try:
+            decision = limiter.admit(scopes)
+        except RateLimited:
+            return scopes[0].subject, None
+        return scopes[0].subject, int(dict(decision.headers)["x-ratelimit-remaining-requests"])
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        outcomes = list(pool.map(check, [first] * 20 + [second] * 10))
+    admitted = {subject: sorted(r for s, r in outcomes if s == subject and r is not None) for subject in ("k1", "k2")}
+    assert admitted == {"k1": list(range(10)), "k2": list(range(5))}
+    assert sum(1 for _, remaining in outcomes if remaining is None) == 15
+    assert len(round_trips) < 30

@@ -1,9 +1,11 @@
-"""Group commit: many callers' writes, done as one batch whenever they arrive together.
+"""Batching without timers: many callers' round trips, done as one whenever they arrive together.
 
-The caller that finds no write in progress becomes the writer: it writes its own item, then every item queued while it
-wrote, until none is left. A caller that arrives during a write queues its item and returns at once. So a lone call is
-written at once, in the caller (exactly as an unbatched write), and under load the writes coalesce into one statement
-per round trip instead of one each, with no timer and no added delay.
+`GroupCommit` is for writes nobody waits on; `Coalescer` for round trips whose answer each caller needs.
+
+Group commit: the caller that finds no write in progress becomes the writer: it writes its own item, then every item
+queued while it wrote, until none is left. A caller that arrives during a write queues its item and returns at once.
+So a lone call is written at once, in the caller (exactly as an unbatched write), and under load the writes coalesce
+into one statement per round trip instead of one each, with no timer and no added delay.
 """
 
 from __future__ import annotations
@@ -52,3 +54,91 @@ class GroupCommit(Generic[T]):
                 with self._lock:
                     self._writing = False
                 raise
+
+
+R = TypeVar("R")
+
+
+class _Waiter(Generic[T, R]):
+    __slots__ = ("done", "error", "item", "lead", "result")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = threading.Event()
+        self.lead = False  # set instead of a result: this caller runs the next batch
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class Coalescer(Generic[T, R]):
+    """Round trips with an answer per caller: calls that arrive while one is in flight go out together in the next.
+
+    `run(items)` answers each item, in order. The caller that finds nothing in flight runs its own item at once (a lone
+    call pays nothing extra); callers arriving meanwhile queue, and when the round trip ends the first of them runs
+    all that queued in one. No caller runs more than one batch, and none waits on a timer. Safe across threads and
+    gevent greenlets; an error in a batch is raised to every caller in it.
+    """
+
+    def __init__(self, run: Callable[[list[T]], list[R]], *, max_batch: int = 256) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._queue: list[_Waiter[T, R]] = []
+        self._lock = threading.Lock()
+        self._busy = False  # a batch is in flight (then a queued caller will lead the next one)
+
+    def __call__(self, item: T) -> R:
+        waiter: _Waiter[T, R] = _Waiter(item)
+        with self._lock:
+            self._queue.append(waiter)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            try:
+                waiter.done.wait()
+            except BaseException:  # killed while queued: leave the queue, and pass on the lead if it was just given
+                with self._lock:
+                    given_lead = waiter.lead
+                    if waiter in self._queue:
+                        self._queue.remove(waiter)
+                if given_lead:
+                    self._hand_over()
+                raise
+            if not waiter.lead:
+                return self._outcome(waiter)
+        with self._lock:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+        try:
+            for served, result in zip(batch, self._run([w.item for w in batch]), strict=True):
+                served.result = result
+        except Exception as exc:  # noqa: BLE001 - raised to every caller in the batch, below
+            for served in batch:
+                served.error = exc
+        except BaseException:
+            # This caller is being killed (its own timeout, a worker shutting down): the others go back to the front
+            # of the queue for the next leader (the round trip may have happened: their items can count twice).
+            with self._lock:
+                self._queue[:0] = [served for served in batch if served is not waiter]
+            self._hand_over()
+            raise
+        self._hand_over()
+        for served in batch:
+            if served is not waiter:
+                served.done.set()
+        return self._outcome(waiter)
+
+    def _hand_over(self) -> None:
+        """The batch is done: the first queued caller leads the next one, or nothing is in flight any more."""
+        with self._lock:
+            if self._queue:
+                successor = self._queue[0]
+                successor.lead = True
+                successor.done.set()
+            else:
+                self._busy = False
+
+    @staticmethod
+    def _outcome(waiter: _Waiter[T, R]) -> R:
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result  # type: ignore[return-value]

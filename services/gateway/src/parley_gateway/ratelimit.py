@@ -5,10 +5,12 @@ admits a 21st request inside any 60 s, even across a minute boundary or across g
 in fixed one-minute windows (a hash field per window) and settled after the answer from the usage the llm service
 reports: a request is admitted while the window's count is under the limit, and its tokens are added afterwards.
 
-One EVALSHA per limited request checks and counts every applicable limit at once. Tokens settled after answers are
-summed per key in the process and written every `settle_interval` s in one EVALSHA for all of them, so a request costs
-one Redis round trip, not two; a token limit sees usage that late (50 ms by default, against a 60 s window). Redis
-down: refuse (503, "closed") or admit ("open"), and the degraded gauge says so.
+One EVALSHA checks and counts every applicable limit of a request at once; requests that arrive while a check is in
+flight are checked together in the next one (a `Coalescer`: a lone request goes at once, under load a round trip serves
+many). Tokens settled after answers are summed per key in the process and written every `settle_interval` s in one
+EVALSHA for all of them, so a request costs at most one Redis round trip, not two; a token limit sees usage that late
+(50 ms by default, against a 60 s window). Redis down: refuse (503, "closed") or admit ("open"), and the degraded
+gauge says so.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from parley_kit.batching import Coalescer
 from parley_kit.errors import RateLimited, ServiceUnavailable
 
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_DEGRADED
@@ -39,54 +42,67 @@ WINDOW_MS = 60_000
 # After a Redis failure, requests skip Redis for this long (a black-holed Redis must not cost each request a timeout).
 REDIS_RETRY_AFTER = 1.0
 
-# KEYS: per scope, its request log (sorted set) then its token windows (hash).
-# ARGV: window (ms), a unique member for this request, then per scope: rpm, tpm (0 = off).
-# Returns {limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, per scope: used_req, reset_req_ms, used_tok}.
+# Checks a batch of requests in arrival order (each sees the ones before it counted), as one atomic step.
+# KEYS: per request, per scope: its request log (sorted set) then its token windows (hash).
+# ARGV: window (ms), the number of requests, then per request: a unique member, its number of scopes, and per scope
+# rpm, tpm (0 = off).
+# Returns, per request: limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, then per scope: used_req,
+# reset_req_ms, used_tok.
 CHECK_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 local slot = math.floor(now / window)
 local token_reset = (slot + 1) * window - now
-local scopes = #KEYS / 2
-local limited, kind, retry = 0, 0, 0
-local out = {}
-for i = 1, scopes do
-  local rpm, tpm = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
-  local used_req, reset_req, used_tok = 0, 0, 0
-  if rpm > 0 then
-    local log_key = KEYS[2 * i - 1]
-    redis.call('ZREMRANGEBYSCORE', log_key, '-inf', now - window)
-    used_req = redis.call('ZCARD', log_key)
-    if used_req > 0 then
-      local oldest = redis.call('ZRANGE', log_key, 0, 0, 'WITHSCORES')
-      reset_req = tonumber(oldest[2]) + window - now
-    end
-    if used_req >= rpm then
-      limited, kind, retry = 1, 1, math.max(retry, reset_req)
-    end
-  end
-  if tpm > 0 then
-    used_tok = tonumber(redis.call('HGET', KEYS[2 * i], slot) or '0')
-    if used_tok >= tpm then
-      limited, retry = 1, math.max(retry, token_reset)
-      if kind == 0 then kind = 2 end
-    end
-  end
-  out[#out + 1] = used_req
-  out[#out + 1] = reset_req
-  out[#out + 1] = used_tok
-end
-if limited == 0 then
+local result = {}
+local a, k = 3, 0
+for _ = 1, tonumber(ARGV[2]) do
+  local member, scopes = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local limited, kind, retry = 0, 0, 0
+  local out = {}
   for i = 1, scopes do
-    if tonumber(ARGV[1 + 2 * i]) > 0 then
-      redis.call('ZADD', KEYS[2 * i - 1], now, ARGV[2])
-      redis.call('PEXPIRE', KEYS[2 * i - 1], window)
+    local rpm, tpm = tonumber(ARGV[a + 2 * i - 2]), tonumber(ARGV[a + 2 * i - 1])
+    local used_req, reset_req, used_tok = 0, 0, 0
+    if rpm > 0 then
+      local log_key = KEYS[k + 2 * i - 1]
+      redis.call('ZREMRANGEBYSCORE', log_key, '-inf', now - window)
+      used_req = redis.call('ZCARD', log_key)
+      if used_req > 0 then
+        local oldest = redis.call('ZRANGE', log_key, 0, 0, 'WITHSCORES')
+        reset_req = tonumber(oldest[2]) + window - now
+      end
+      if used_req >= rpm then
+        limited, kind, retry = 1, 1, math.max(retry, reset_req)
+      end
+    end
+    if tpm > 0 then
+      used_tok = tonumber(redis.call('HGET', KEYS[k + 2 * i], slot) or '0')
+      if used_tok >= tpm then
+        limited, retry = 1, math.max(retry, token_reset)
+        if kind == 0 then kind = 2 end
+      end
+    end
+    out[#out + 1] = used_req
+    out[#out + 1] = reset_req
+    out[#out + 1] = used_tok
+  end
+  if limited == 0 then
+    for i = 1, scopes do
+      if tonumber(ARGV[a + 2 * i - 2]) > 0 then
+        redis.call('ZADD', KEYS[k + 2 * i - 1], now, member)
+        redis.call('PEXPIRE', KEYS[k + 2 * i - 1], window)
+      end
     end
   end
+  result[#result + 1] = limited
+  result[#result + 1] = kind
+  result[#result + 1] = retry
+  result[#result + 1] = token_reset
+  for _, value in ipairs(out) do result[#result + 1] = value end
+  a = a + 2 * scopes
+  k = k + 2 * scopes
 end
-local result = {limited, kind, retry, token_reset}
-for _, value in ipairs(out) do result[#result + 1] = value end
 return result
 """
 
@@ -247,7 +263,7 @@ def duration(milliseconds: float) -> str:
 
 
 class RedisRateLimiter:
-    """Limits shared by every gateway process through one Redis (one EVALSHA per check; settlements batched)."""
+    """Limits shared by every gateway process through one Redis (checks and settlements batched)."""
 
     def __init__(
         self,
@@ -276,6 +292,7 @@ class RedisRateLimiter:
         self._prefix = prefix
         self._fail_open = failure_mode == "open"
         self._check = self._redis.register_script(CHECK_SCRIPT)
+        self._checks: Coalescer[tuple[Scope, ...], list[int]] = Coalescer(self._check_batch)
         self._settle = self._redis.register_script(SETTLE_SCRIPT)
         self._degraded = False
         self._skip_until = 0.0
@@ -290,24 +307,36 @@ class RedisRateLimiter:
         self._redis.ping()
 
     def admit(self, scopes: tuple[Scope, ...]) -> Decision:
-        """Check and count every scope in one round trip."""
+        """Check and count every scope in one round trip (shared with the requests checked alongside)."""
         if self._skip_until > time.monotonic():
             return self._unavailable()
-        keys: list[str] = []
-        args: list[int | str] = [WINDOW_MS, uuid.uuid4().hex]
-        for scope in scopes:
-            keys += [self._key(scope, "req"), self._key(scope, "tok")]
-            args += [scope.rpm, scope.tpm]
         try:
-            result = self._check(keys=keys, args=args)
+            result = self._checks(scopes)
         except redis.RedisError as exc:
             return self._failed(exc)
         self._recovered()
-        limited, kind, retry_ms, token_reset_ms = (int(value) for value in result[:4])
-        usage = [(int(result[i]), float(result[i + 1]), int(result[i + 2])) for i in range(4, len(result), 3)]
+        limited, kind, retry_ms, token_reset_ms = result[:4]
+        usage = [(result[i], float(result[i + 1]), result[i + 2]) for i in range(4, len(result), 3)]
         return decide(
             scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
         )
+
+    def _check_batch(self, batch: list[tuple[Scope, ...]]) -> list[list[int]]:
+        """One EVALSHA for every request in the batch; each request's slice of the answer."""
+        keys: list[str] = []
+        args: list[int | str] = [WINDOW_MS, len(batch)]
+        for scopes in batch:
+            args += [uuid.uuid4().hex, len(scopes)]
+            for scope in scopes:
+                keys += [self._key(scope, "req"), self._key(scope, "tok")]
+                args += [scope.rpm, scope.tpm]
+        flat = [int(value) for value in self._check(keys=keys, args=args)]
+        answers, start = [], 0
+        for scopes in batch:
+            end = start + 4 + 3 * len(scopes)
+            answers.append(flat[start:end])
+            start = end
+        return answers
 
     def settle(self, scopes: tuple[Scope, ...], tokens: int) -> None:
         """Count the tokens against each scope; they reach Redis with the next batch (at most `settle_interval` s)."""
