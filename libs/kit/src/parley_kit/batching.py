@@ -87,12 +87,13 @@ class Coalescer(Generic[T, R]):
         self._busy = False  # a batch is in flight (then a queued caller will lead the next one)
 
     def __call__(self, item: T) -> R:
-        waiter: _Waiter[T, R] = _Waiter(item)
         with self._lock:
-            self._queue.append(waiter)
-            lead = not self._busy
+            waiter: _Waiter[T, R] | None = _Waiter(item) if self._busy else None
+            if waiter is not None:
+                self._queue.append(waiter)
             self._busy = True
-        if not lead:
+        others: list[_Waiter[T, R]] = []
+        if waiter is not None:  # a round trip is in flight: wait to be served by it, or to lead the next one
             try:
                 waiter.done.wait()
             except BaseException:  # killed while queued: leave the queue, and pass on the lead if it was just given
@@ -104,28 +105,36 @@ class Coalescer(Generic[T, R]):
                     self._hand_over()
                 raise
             if not waiter.lead:
-                return self._outcome(waiter)
-        with self._lock:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
+                if waiter.error is not None:
+                    raise waiter.error
+                return waiter.result  # type: ignore[return-value]
+            with self._lock:  # the leader is at the head of the queue
+                others = self._queue[1 : self._max_batch]
+                del self._queue[: self._max_batch]
         try:
-            for served, result in zip(batch, self._run([w.item for w in batch]), strict=True):
-                served.result = result
-        except Exception as exc:  # noqa: BLE001 - raised to every caller in the batch, below
-            for served in batch:
+            results = self._run([item, *(served.item for served in others)])
+            if len(results) != 1 + len(others):
+                raise ValueError(f"{len(results)} answers for a batch of {1 + len(others)}")
+        except Exception as exc:
+            for served in others:
                 served.error = exc
+            self._hand_over()
+            for served in others:
+                served.done.set()
+            raise
         except BaseException:
             # This caller is being killed (its own timeout, a worker shutting down): the others go back to the front
             # of the queue for the next leader (the round trip may have happened: their items can count twice).
             with self._lock:
-                self._queue[:0] = [served for served in batch if served is not waiter]
+                self._queue[:0] = others
             self._hand_over()
             raise
+        for served, result in zip(others, results[1:], strict=True):
+            served.result = result
         self._hand_over()
-        for served in batch:
-            if served is not waiter:
-                served.done.set()
-        return self._outcome(waiter)
+        for served in others:
+            served.done.set()
+        return results[0]
 
     def _hand_over(self) -> None:
         """The batch is done: the first queued caller leads the next one, or nothing is in flight any more."""
@@ -136,9 +145,3 @@ class Coalescer(Generic[T, R]):
                 successor.done.set()
             else:
                 self._busy = False
-
-    @staticmethod
-    def _outcome(waiter: _Waiter[T, R]) -> R:
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.result  # type: ignore[return-value]
