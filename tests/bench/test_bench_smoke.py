@@ -63,9 +63,9 @@ def test_the_header_names_machine_versions_and_workers(smoke: tuple[Path, dict[s
     assert isinstance(results["machine"]["cores"], int) and results["machine"]["cores"] >= 1
     for tool in ("nginx", "wrk", "gunicorn", "parley-gateway", "postgresql", "rabbitmq", "redis"):
         assert results["versions"].get(tool), tool
-    assert results["workers"]["configured"] == {"gateway": 2, "auth": 1, "llm": 2, "jobs": 1}
+    assert results["workers"]["configured"] == {"gateway": 1, "auth": 1, "llm": 1, "jobs": 1}
     assert results["workers"]["environment"] == "production"
-    assert results["workers"]["served"]["gateway"]["worker_processes"] == 2
+    assert results["workers"]["served"]["gateway"]["worker_processes"] == 1
 
 
 def test_every_path_answered(smoke: tuple[Path, dict[str, Any]]) -> None:

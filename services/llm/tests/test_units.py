@@ -125,7 +125,7 @@ def test_redaction_removes_keys_and_urls() -> None:
 def test_settings_defaults() -> None:
     settings = LlmSettings()
     assert settings.bind == "127.0.0.1:8082" and settings.worker_class == "gevent"
-    assert settings.workers == 2 and settings.worker_connections == 2000
+    assert settings.workers == 2 and settings.worker_connections == 4000
     assert settings.database_url == "sqlite:///.run/llm.db"
     assert (settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout) == (3, 60, 600)
     assert "dev-fake-key" not in repr(settings)

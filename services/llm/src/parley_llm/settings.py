@@ -21,8 +21,9 @@ class LlmSettings(ServiceSettings):
 
     service_name: str = "llm"
     bind: str = "127.0.0.1:8082"
-    # worker_class (gevent), workers (2) and worker_connections (2000) keep the base defaults: thousands of
-    # long streams per process want gevent.
+    # worker_class (gevent) and workers (2) keep the base defaults: thousands of long streams per process want
+    # gevent. Every connection a gateway worker forwards (4000) may be a stream held here, so as many per worker.
+    worker_connections: int = Field(4000, ge=1)
     database_url: str = "sqlite:///.run/llm.db"
     models_file: str = BUNDLED_MODELS_FILE
     openai_base_url: str = "http://127.0.0.1:8090/v1"

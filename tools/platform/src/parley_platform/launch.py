@@ -33,7 +33,10 @@ class PlatformConfig:
     redis_prefix: str = "parley:"
     openai: tuple[str, str] | None = None  # (base_url, api_key) of a real upstream; None = the fake provider
     anthropic: tuple[str, str] | None = None
-    workers: dict[str, int] = field(default_factory=lambda: {"gateway": 2, "auth": 1, "llm": 2, "jobs": 1})
+    # One process per service on a developer's machine: gevent serves thousands of connections per process, and on 2
+    # cores one gateway and one llm worker carry the full path with ~17% less CPU per request than two of each
+    # (bench/README.md, session 5), with two processes fewer at idle. Deployments set `*_WORKERS` per host.
+    workers: dict[str, int] = field(default_factory=lambda: {"gateway": 1, "auth": 1, "llm": 1, "jobs": 1})
     log_level: str = "INFO"
     logstash: tuple[str, int] | None = None
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
