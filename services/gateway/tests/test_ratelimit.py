@@ -365,10 +365,10 @@ def test_concurrent_checks_share_round_trips_and_each_is_counted_in_order(redis_
     round_trips: list[int] = []
     script = limiter._check
 
-    def counted(**kwargs: object) -> object:
+    def counted(keys: list[str], args: list[int | str]) -> list[int]:
         round_trips.append(1)
         time.sleep(0.01)  # a slower Redis: checks arriving meanwhile queue for the next round trip
-        return script(**kwargs)
+        return script(keys, args)
 
     limiter._check = counted  # type: ignore[method-assign]
     first = (Scope("key", "k1", 10, 0), Scope("user", "u1", 1000, 0))
