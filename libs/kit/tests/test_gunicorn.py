@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -91,3 +92,22 @@ def test_probes_under_gunicorn(served: tuple[str, Path]) -> None:
     assert ready.status == 200 and ready.json()["status"] == "ok"
     failing = http.request("GET", f"{base}/v1/items/boom")
     assert failing.status == 500 and failing.headers["content-type"] == "application/problem+json"
+
+
+def test_the_master_hooks_load_no_flask_and_mark_a_dead_workers_live_gauges(tmp_path: Path) -> None:
+    """The hooks module is all a gunicorn master loads of ours: it must stay light (no Flask: ~9 MB per service).
+    Its child_exit removes a dead worker's live-gauge file, so live gauges stop counting that worker."""
+    import subprocess
+    import sys
+
+    probe = "import sys, parley_kit.gunicorn_hooks; print('flask' in sys.modules, 'sqlalchemy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == (
+        "False False\n"
+    )
+    (tmp_path / "gauge_livesum_4242.db").write_bytes(b"")
+    (tmp_path / "gauge_livesum_4343.db").write_bytes(b"")
+    script = "import types, parley_kit.gunicorn_hooks as hooks;hooks.child_exit(None, types.SimpleNamespace(pid=4242))"
+    subprocess.run(
+        [sys.executable, "-c", script], check=True, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gauge_livesum_4343.db"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from parley_kit import metrics
-
 accesslog = None  # the app writes ECS access lines itself
 keepalive = 75  # longer than the gateway's idle pool timeout, so pooled connections are not cut under it
 graceful_timeout = 30
@@ -16,6 +14,8 @@ control_socket_disable = True
 
 def child_exit(_server: Any, worker: Any) -> None:
     """Mark a dead worker's metric files so its live gauges stop counting."""
+    from parley_kit import metrics  # here, not at the top: the master then never loads Flask (~9 MB per service)
+
     metrics.mark_worker_dead(worker.pid)
 
 
