@@ -194,6 +194,7 @@ class OwnJobs:
                 "PARLEY_AMQP_PREFIX": self.prefix,
                 "JOBS_WORKER_METRICS_PORT": "0",
                 "JOBS_RELAY_INTERVAL": "0.05",
+                "JOBS_RELAY_IDLE_INTERVAL": "0.2",
             }
         )
         if self.amqp_url:

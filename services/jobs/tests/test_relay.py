@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from parley_jobs import outbox
 from parley_jobs.models import BatchItem, OutboxEvent
-from parley_jobs.relay import Relay, queue_declarer
+from parley_jobs.relay import Relay, next_wait, queue_declarer
 from parley_jobs.settings import JobsSettings
 from parley_kit.amqp import Publisher
 from parley_kit.db import Database
@@ -123,3 +123,12 @@ def test_a_failed_publish_leaves_the_event_for_the_next_pass(
         relay.run_once()
     with db.transaction() as session:
         assert session.scalars(select(OutboxEvent.published_at)).all() == [None]
+
+
+def test_quiet_passes_space_the_polls_out_and_work_brings_them_back() -> None:
+    """An idle worker polls the outbox ever less often, up to the idle interval; a pass with work resets the wait."""
+    waits, wait = [], 0.2
+    for busy in (False, False, False, False, False, True, False):
+        wait = next_wait(wait, busy=busy, interval=0.2, idle_interval=1.0)
+        waits.append(wait)
+    assert waits == [0.4, 0.8, 1.0, 1.0, 1.0, 0.2, 0.4]

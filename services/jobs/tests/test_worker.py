@@ -411,6 +411,7 @@ def test_the_worker_process_runs_a_batch_end_to_end(
         "JOBS_DATABASE_URL": worker_settings.database_url,
         "JOBS_CLIENT_SECRET": CLIENT_SECRET,
         "JOBS_RELAY_INTERVAL": "0.05",
+        "JOBS_RELAY_IDLE_INTERVAL": "0.2",
         "PARLEY_AMQP_URL": amqp_url,
         "PARLEY_AMQP_PREFIX": worker_settings.amqp_prefix,
         "PARLEY_LLM_URL": worker_settings.llm_url,

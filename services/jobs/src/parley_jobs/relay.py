@@ -100,6 +100,12 @@ class QueueStats:
                 pass
 
 
+def next_wait(previous: float, *, busy: bool, interval: float, idle_interval: float) -> float:
+    """The wait before the next pass: `interval` after a pass with work, doubling after each quiet one up to
+    `idle_interval`."""
+    return interval if busy else min(max(previous, interval) * 2, idle_interval)
+
+
 class Relay:
     """Drains the outbox and tops up the owners' windows every `interval` seconds, or when items have finished."""
 
@@ -110,6 +116,7 @@ class Relay:
         *,
         queue: str,
         interval: float,
+        idle_interval: float | None = None,
         window: int = 64,
         stats: QueueStats | None = None,
         stats_interval: float = 5.0,
@@ -118,6 +125,7 @@ class Relay:
         self._publisher = publisher
         self._queue = queue
         self._interval = interval
+        self._idle_interval = max(interval, idle_interval or interval)
         self._window = window
         self._stats = stats
         self._stats_interval = stats_interval
@@ -141,6 +149,10 @@ class Relay:
 
     def run_once(self) -> int:
         """One pass: returns how many outbox events were drained (the items it queued are logged)."""
+        return self._pass()[0]
+
+    def _pass(self) -> tuple[int, int]:
+        """Drain the outbox and top up the owners' windows: (events drained, items queued)."""
         with self._db.transaction() as session:
             events = outbox.claim_unpublished(session, limit=EVENTS_PER_PASS)
             for event in events:
@@ -157,7 +169,7 @@ class Relay:
                 tracing.clear()
         if item_ids:
             log.info("batch items queued", extra={"batch.items_queued": len(item_ids)})
-        return len(events)
+        return len(events), len(item_ids)
 
     def expire_due(self) -> list[str]:
         """End the batches whose completion window has passed."""
@@ -179,25 +191,33 @@ class Relay:
                 metrics.QUEUE_DEPTH.labels(queue=label).set(depth)
 
     def run(self) -> None:
-        """Poll until stopped; a failed step (broker or database down) is retried on the next tick."""
+        """Poll until stopped; a failed step (broker or database down) is retried on the next tick. Quiet passes
+        space the polls out up to `idle_interval` (an idle worker barely touches the database); work, or items
+        finishing in this process, bring them back to `interval`."""
+        wait = self._interval
         while not self._stop.is_set():
             self._wake.clear()  # items finishing from here on ask for the pass after this one
-            steps: list[Callable[[], object]] = [self.run_once]
+            busy = False
+            try:
+                events, items = self._pass()
+                busy = bool(events or items)
+            except Exception:
+                log.warning("relay step failed; retrying", extra={"step": "run_once"}, exc_info=True)
             if time.monotonic() >= self._expiry_due:
                 self._expiry_due = time.monotonic() + self._interval
-                steps.append(self.expire_due)
-            for step in steps:
                 try:
-                    step()
+                    self.expire_due()
                 except Exception:
-                    log.warning("relay step failed; retrying", extra={"step": step.__name__}, exc_info=True)
+                    log.warning("relay step failed; retrying", extra={"step": "expire_due"}, exc_info=True)
             if time.monotonic() >= self._stats_due:
                 self._stats_due = time.monotonic() + self._stats_interval
                 try:
                     self.refresh_gauges()
                 except Exception:
                     log.warning("refreshing the worker gauges failed", exc_info=True)
-            self._wake.wait(self._interval)
+            wait = next_wait(wait, busy=busy, interval=self._interval, idle_interval=self._idle_interval)
+            if self._wake.wait(wait):
+                wait = self._interval
         self._publisher.close()
         if self._stats is not None:
             self._stats.close()

@@ -34,6 +34,8 @@ class JobsSettings(ServiceSettings):
     max_lines: int = Field(50_000, ge=1)
     worker_prefetch: int = Field(8, ge=1, le=1000)
     relay_interval: float = Field(0.2, gt=0)
+    # With nothing to relay, the polls space out to this (a new batch is queued at most this late).
+    relay_idle_interval: float = Field(1.0, gt=0)
     delivery_limit: int = Field(5, ge=1)
     # A failed item waits this x 2^(redeliveries so far) seconds (at most 10) before RabbitMQ redelivers it: with the
     # default limit of 5 deliveries, ~15 s of a database or llm outage is ridden out before an item fails.

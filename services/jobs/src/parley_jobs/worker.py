@@ -275,6 +275,7 @@ def run_worker(settings: JobsSettings) -> None:
         Publisher(settings.amqp_url, declare=declare),
         queue=settings.items_queue,
         interval=settings.relay_interval,
+        idle_interval=settings.relay_idle_interval,
         window=settings.schedule_window,
         stats=QueueStats(settings.amqp_url, {"items": settings.items_queue, "dead": settings.dead_queue}),
         stats_interval=settings.stats_interval,
