@@ -387,3 +387,31 @@ def test_concurrent_checks_share_round_trips_and_each_is_counted_in_order(redis_
     assert admitted == {"k1": list(range(10)), "k2": list(range(5))}
     assert sum(1 for _, remaining in outcomes if remaining is None) == 15
     assert len(round_trips) < 30
+
+
+class Interrupted(BaseException):
+    """What a killed greenlet or a worker timeout raises in the middle of a call."""
+
+
+def test_a_check_cut_off_mid_call_leaves_no_answer_for_the_next(redis_url: str, redis_prefix: str) -> None:
+    """The first check is interrupted after Redis ran it but before its answer was read: the next check must read
+    its own answer (the second admission: 98 left of 100), not the stale one (99)."""
+    limiter = RedisRateLimiter(
+        redis_url, prefix=f"{redis_prefix}{uuid.uuid4().hex[:8]}:", timeout=1.0, failure_mode="closed"
+    )
+    scopes = (Scope("key", "k1", 100, 0),)
+    limiter.admit((Scope("key", "warm-up", 100, 0),))  # Redis knows the script: the interrupted check will run
+    connection = limiter._check_connection
+    read_response = connection.read_response
+
+    def interrupted_once(*args: object, **kwargs: object) -> object:
+        connection.read_response = read_response  # type: ignore[method-assign]
+        raise Interrupted
+
+    connection.read_response = interrupted_once  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Interrupted):
+            limiter.admit(scopes)
+        assert dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"] == "98"
+    finally:
+        limiter.close()

@@ -355,8 +355,12 @@ class RedisRateLimiter:
                 connection.read_response()
                 connection.send_command("EVALSHA", self._check_sha, len(keys), *keys, *args)
                 return connection.read_response()  # type: ignore[no-any-return]
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()  # a late answer must never be read as the next check's
+        except redis.ResponseError:
+            raise  # an error answer, read whole: the connection is still in step
+        except BaseException:
+            # A timeout, a broken connection, or this greenlet killed mid-call: an answer may be left unread, and it
+            # must never be read as the next check's.
+            connection.disconnect()
             raise
 
     def settle(self, scopes: tuple[Scope, ...], tokens: int) -> None:
