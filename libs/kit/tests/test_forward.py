@@ -10,7 +10,7 @@ import time
 import pytest
 
 from parley_kit.forward import BodyCut, ForwardClient, HopError, Unreachable
-from parley_kit.testing import free_port, read_http_request
+from parley_kit.testing import PROXY_ANSWER, free_port, read_http_request
 
 ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
 FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
@@ -119,21 +119,12 @@ def test_a_base_url_path_is_a_prefix_and_https_is_accepted() -> None:
         ForwardClient("ftp://example.com")
 
 
-def test_egress_calls_go_through_the_environments_proxy_and_internal_hops_never_do(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_egress_calls_go_through_the_environments_proxy_and_internal_hops_never_do(egress_proxy: list[bytes]) -> None:
     """The provider's host does not even resolve: only the proxy can answer. The same URL without `egress` fails."""
-    seen: list[bytes] = []
-
-    def proxy(connection: socket.socket) -> None:
-        seen.append(read_http_request(connection))
-        answer(connection)
-
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
     client = ForwardClient("http://provider.invalid/v1", egress=True, trace=False)
     response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={})
-    assert (response.status, response.read_all()) == (200, ANSWER)
-    assert seen[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1\r\n")
-    assert b"traceparent" not in seen[0].lower()
+    assert (response.status, response.read_all()) == (200, PROXY_ANSWER)
+    assert egress_proxy[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1\r\n")
+    assert b"traceparent" not in egress_proxy[0].lower()
     with pytest.raises(HopError):
         ForwardClient("http://provider.invalid/v1").request("POST", "/v1/chat/completions", body=b"{}", headers={})

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from parley_kit.errors import GatewayTimeout, ParleyError, RateLimited, UpstreamError
-from parley_kit.testing import free_port, read_http_request
+from parley_kit.testing import PROXY_ANSWER, free_port, read_http_request
 from parley_llm.catalog import Provider
 from parley_llm.settings import LlmSettings
 from parley_llm.upstream import Upstreams
@@ -115,20 +115,11 @@ def test_unreachable_silent_and_cut_providers(serve) -> None:  # type: ignore[no
     assert cut_short.value.code == "upstream_cut"
 
 
-def test_with_an_egress_proxy_configured_provider_calls_go_through_it(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_with_an_egress_proxy_configured_provider_calls_go_through_it(egress_proxy: list[bytes]) -> None:
     """The provider's host does not even resolve: only the proxy can answer."""
-    seen: list[bytes] = []
-
-    def proxy(connection: socket.socket) -> None:
-        seen.append(read_http_request(connection))
-        reply(connection)
-
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
     hop = upstreams("http://provider.invalid")
     try:
-        assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == ANSWER
+        assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == PROXY_ANSWER
     finally:
         hop.close()
-    assert seen and seen[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1")
+    assert egress_proxy and egress_proxy[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1")

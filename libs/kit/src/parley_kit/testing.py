@@ -161,6 +161,31 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
         server.close()
 
 
+PROXY_ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+
+
+@pytest.fixture
+def egress_proxy(
+    serve: Callable[[Callable[[socket.socket], None]], str], monkeypatch: pytest.MonkeyPatch
+) -> list[bytes]:
+    """An HTTP proxy of the test's own, named by HTTP_PROXY (the other proxy variables cleared): it answers every
+    request with `PROXY_ANSWER` and keeps each request's head, in the list this fixture gives."""
+    heads: list[bytes] = []
+
+    def proxy(connection: socket.socket) -> None:
+        while head := read_http_request(connection):
+            heads.append(head)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(PROXY_ANSWER), PROXY_ANSWER)
+            )
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", serve(proxy))
+    return heads
+
+
 def read_http_request(connection: socket.socket) -> bytes:
     """For a `LoopbackServer` handler: one HTTP request's head (its Content-Length body read and dropped), or b""
     when the client closed the connection."""

@@ -94,9 +94,9 @@ class Upstreams:
         try:
             return response.read_all()
         except TimeoutError:
-            raise self._timed_out(provider) from None
+            raise _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout") from None
         except OSError:
-            raise self._cut(provider) from None
+            raise _no_answer(UpstreamError, provider, "closed the connection", "upstream_cut") from None
         finally:
             response.close()
 
@@ -108,9 +108,9 @@ class Upstreams:
         try:
             response = pool.request("POST", pool.path_prefix + path, body=content, headers=headers or {})
         except TimeoutError:
-            raise self._timed_out(provider) from None
+            raise _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout") from None
         except (OSError, ValueError):
-            raise self._unreachable(provider) from None
+            raise _no_answer(UpstreamError, provider, "is unreachable", "upstream_unreachable") from None
         if response.status >= 400:
             try:
                 body = response.read_all()
@@ -120,24 +120,6 @@ class Upstreams:
                 response.close()
             raise self.status_error(provider, response.status, body, response.header("retry-after"))
         return response
-
-    @staticmethod
-    def _timed_out(provider: Provider) -> ParleyError:
-        error = GatewayTimeout(f"the {provider.value} provider did not answer in time", code="upstream_timeout")
-        error.upstream_status = 0  # type: ignore[attr-defined]
-        return error
-
-    @staticmethod
-    def _cut(provider: Provider) -> ParleyError:
-        error = UpstreamError(f"the {provider.value} provider closed the connection", code="upstream_cut")
-        error.upstream_status = 0  # type: ignore[attr-defined]
-        return error
-
-    @staticmethod
-    def _unreachable(provider: Provider) -> ParleyError:
-        error = UpstreamError(f"the {provider.value} provider is unreachable", code="upstream_unreachable")
-        error.upstream_status = 0  # type: ignore[attr-defined]
-        return error
 
     def status_error(self, provider: Provider, status: int, body: bytes, retry_after: str | None) -> ParleyError:
         """The client-facing error for a provider's 4xx/5xx: its status (5xx → 502), its message minus secrets."""
@@ -185,6 +167,13 @@ class Upstreams:
         """Close the pooled connections."""
         for pool in self._pools.values():
             pool.close()
+
+
+def _no_answer(error_type: type[ParleyError], provider: Provider, what: str, code: str) -> ParleyError:
+    """A provider that gave no answer: the retry loop finds no status in it (0), only the failure."""
+    error = error_type(f"the {provider.value} provider {what}", code=code)
+    error.upstream_status = 0  # type: ignore[attr-defined]
+    return error
 
 
 def _retry_after(value: str | None) -> float | None:
