@@ -447,28 +447,37 @@ def own_rabbit(tmp_path: Path) -> Iterator[OwnRabbit]:
     """Debian's rabbitmq-server as a second node under a temp dir (the shared broker is never touched)."""
     if not (RABBITMQ_BIN / "rabbitmq-server").exists():
         unavailable("a second RabbitMQ node", "rabbitmq-server is not installed")
-    base = tmp_path / "rabbit"
-    base.mkdir()
-    port, node = free_port(), f"t6-{uuid.uuid4().hex[:8]}@localhost"
-    env = {
-        "HOME": str(base),  # its own Erlang cookie
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-        "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
-    }
-    process = ServiceProcess("own-rabbitmq", [str(RABBITMQ_BIN / "rabbitmq-server")], env=env, log_dir=tmp_path)
-    process.launch()
-    rabbit = OwnRabbit(process, process.env, node, f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+    for attempt in range(3):
+        base = tmp_path / f"rabbit-{attempt}"
+        base.mkdir()
+        port, node = free_port(), f"t6-{uuid.uuid4().hex[:8]}@localhost"
+        env = {
+            "HOME": str(base),  # its own Erlang cookie
+            "RABBITMQ_NODENAME": node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+        }
+        process = ServiceProcess("own-rabbitmq", [str(RABBITMQ_BIN / "rabbitmq-server")], env=env, log_dir=base)
+        process.launch()
+        rabbit = OwnRabbit(process, process.env, node, f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+        try:
+            rabbit.wait_accepting(60)
+            break
+        except AssertionError:
+            # A port picked free was taken before the node bound it (another process's outgoing connection can
+            # land on it): try again on fresh ports. Anything else is a real failure.
+            if attempt == 2 or "could not bind" not in process.tail(200):
+                raise
+            process.wait_stopped(20)
     try:
-        rabbit.wait_accepting(60)
         yield rabbit
     finally:
         subprocess.run(
