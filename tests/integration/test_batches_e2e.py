@@ -464,6 +464,7 @@ def own_rabbit(tmp_path: Path) -> Iterator[OwnRabbit]:
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),  # a failed boot's dump stays out of the checkout
         }
         process = ServiceProcess("own-rabbitmq", [str(RABBITMQ_BIN / "rabbitmq-server")], env=env, log_dir=base)
         process.launch()
