@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from parley_kit.errors import GatewayTimeout, ParleyError, RateLimited, UpstreamError
+from parley_kit.errors import BadRequest, GatewayTimeout, ParleyError, RateLimited, UpstreamError
 from parley_kit.testing import PROXY_ANSWER, free_port, read_http_request
 from parley_llm.catalog import Provider
+from parley_llm.routing import retryable
 from parley_llm.settings import LlmSettings
 from parley_llm.upstream import Upstreams
 
@@ -123,3 +124,19 @@ def test_with_an_egress_proxy_configured_provider_calls_go_through_it(egress_pro
     finally:
         hop.close()
     assert egress_proxy and egress_proxy[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1")
+
+
+def test_a_header_that_cannot_be_sent_is_the_clients_fault_not_a_provider_failure(serve) -> None:  # type: ignore[no-untyped-def]
+    """400, and nothing the retry loop or the breaker counts against the provider."""
+
+    def handle(connection: socket.socket) -> None:
+        while read_http_request(connection):
+            reply(connection)
+
+    hop = upstreams(serve(handle))
+    try:
+        with pytest.raises(BadRequest) as caught:
+            hop.complete(Provider.ANTHROPIC, "/v1/messages", b"{}", headers={"anthropic-beta": "a\r\nx-injected: 1"})
+    finally:
+        hop.close()
+    assert caught.value.status == 400 and not retryable(caught.value)

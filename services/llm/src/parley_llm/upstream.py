@@ -109,7 +109,9 @@ class Upstreams:
             response = pool.request("POST", pool.path_prefix + path, body=content, headers=headers or {})
         except TimeoutError:
             raise _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout") from None
-        except (OSError, ValueError):
+        except ValueError:  # a header the client sent is not valid HTTP/1.1: the request is at fault, not the provider
+            raise BadRequest("a request header cannot be sent on to the provider", code="invalid_header") from None
+        except OSError:
             raise _no_answer(UpstreamError, provider, "is unreachable", "upstream_unreachable") from None
         if response.status >= 400:
             try:
