@@ -10,16 +10,9 @@ import time
 import pytest
 
 from parley_kit.forward import BodyCut, ForwardClient, HopError, Unreachable
-from parley_kit.testing import PROXY_ANSWER, free_port, read_http_request
+from parley_kit.testing import CHAT_ANSWER, free_port, read_http_request, send_json
 
-ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
 FIRST, SECOND = b"data: first\n\n", b"data: second\n\n"
-
-
-def answer(connection: socket.socket, body: bytes = ANSWER) -> None:
-    connection.sendall(
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-    )
 
 
 def test_answers_reuse_one_keep_alive_connection(serve) -> None:  # type: ignore[no-untyped-def]
@@ -30,13 +23,13 @@ def test_answers_reuse_one_keep_alive_connection(serve) -> None:  # type: ignore
         connections.append(1)
         while head := read_http_request(connection):
             heads.append(head)
-            answer(connection)
+            send_json(connection)
 
     client = ForwardClient(serve(handle))
     for _ in range(3):
         response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={"x-test": "1"})
         assert (response.status, response.header("content-type")) == (200, "application/json")
-        assert response.read_all() == ANSWER
+        assert response.read_all() == CHAT_ANSWER
         response.close()
     assert len(connections) == 1
     assert heads[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
@@ -123,7 +116,7 @@ def test_egress_calls_go_through_the_environments_proxy_and_internal_hops_never_
     """The provider's host does not even resolve: only the proxy can answer. The same URL without `egress` fails."""
     client = ForwardClient("http://provider.invalid/v1", egress=True, trace=False)
     response = client.request("POST", "/v1/chat/completions", body=b"{}", headers={})
-    assert (response.status, response.read_all()) == (200, PROXY_ANSWER)
+    assert (response.status, response.read_all()) == (200, CHAT_ANSWER)
     assert egress_proxy[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1\r\n")
     assert b"traceparent" not in egress_proxy[0].lower()
     with pytest.raises(HopError):

@@ -9,20 +9,11 @@ import time
 import pytest
 
 from parley_kit.errors import BadRequest, GatewayTimeout, ParleyError, RateLimited, UpstreamError
-from parley_kit.testing import PROXY_ANSWER, free_port, read_http_request
+from parley_kit.testing import CHAT_ANSWER, free_port, read_http_request, send_json
 from parley_llm.catalog import Provider
 from parley_llm.routing import retryable
 from parley_llm.settings import LlmSettings
 from parley_llm.upstream import Upstreams
-
-ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
-
-
-def reply(connection: socket.socket, body: bytes = ANSWER, status: bytes = b"200 OK", extra: bytes = b"") -> None:
-    connection.sendall(
-        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
-        % (status, len(body), extra, body)
-    )
 
 
 def upstreams(url: str, **settings: object) -> Upstreams:
@@ -45,13 +36,13 @@ def test_calls_carry_each_sdks_headers_on_one_keep_alive_connection(serve) -> No
         connections.append(1)
         while head := read_http_request(connection):
             heads.append(head.lower())
-            reply(connection)
+            send_json(connection)
 
     hop = upstreams(serve(handle))
     try:
         for _ in range(3):
-            assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == ANSWER
-        assert hop.complete(Provider.ANTHROPIC, "/v1/messages", b"{}", headers={"anthropic-beta": "b1"}) == ANSWER
+            assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == CHAT_ANSWER
+        assert hop.complete(Provider.ANTHROPIC, "/v1/messages", b"{}", headers={"anthropic-beta": "b1"}) == CHAT_ANSWER
     finally:
         hop.close()
     assert len(connections) == 2  # one per provider pool, reused
@@ -78,7 +69,7 @@ def test_provider_errors_become_client_errors_without_secrets(  # type: ignore[n
 ) -> None:
     def handle(connection: socket.socket) -> None:
         while read_http_request(connection):
-            reply(connection, b'{"error":{"message":"bad key sk-openai-test"}}', status, extra)
+            send_json(connection, b'{"error":{"message":"bad key sk-openai-test"}}', status=status, headers=extra)
 
     hop = upstreams(serve(handle))
     try:
@@ -120,7 +111,7 @@ def test_with_an_egress_proxy_configured_provider_calls_go_through_it(egress_pro
     """The provider's host does not even resolve: only the proxy can answer."""
     hop = upstreams("http://provider.invalid")
     try:
-        assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == PROXY_ANSWER
+        assert hop.complete(Provider.OPENAI, "/chat/completions", b"{}") == CHAT_ANSWER
     finally:
         hop.close()
     assert egress_proxy and egress_proxy[0].startswith(b"POST http://provider.invalid:80/v1/chat/completions HTTP/1.1")
@@ -131,7 +122,7 @@ def test_a_header_that_cannot_be_sent_is_the_clients_fault_not_a_provider_failur
 
     def handle(connection: socket.socket) -> None:
         while read_http_request(connection):
-            reply(connection)
+            send_json(connection)
 
     hop = upstreams(serve(handle))
     try:

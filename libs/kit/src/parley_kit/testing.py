@@ -161,7 +161,17 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
         server.close()
 
 
-PROXY_ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+CHAT_ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+
+
+def send_json(
+    connection: socket.socket, body: bytes = CHAT_ANSWER, *, status: bytes = b"200 OK", headers: bytes = b""
+) -> None:
+    """For a `LoopbackServer` handler: one JSON answer with its Content-Length (`headers`: extra CRLF-ended lines)."""
+    connection.sendall(
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (status, len(body), headers, body)
+    )
 
 
 @pytest.fixture
@@ -169,16 +179,13 @@ def egress_proxy(
     serve: Callable[[Callable[[socket.socket], None]], str], monkeypatch: pytest.MonkeyPatch
 ) -> list[bytes]:
     """An HTTP proxy of the test's own, named by HTTP_PROXY (the other proxy variables cleared): it answers every
-    request with `PROXY_ANSWER` and keeps each request's head, in the list this fixture gives."""
+    request with `CHAT_ANSWER` and keeps each request's head, in the list this fixture gives."""
     heads: list[bytes] = []
 
     def proxy(connection: socket.socket) -> None:
         while head := read_http_request(connection):
             heads.append(head)
-            connection.sendall(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                % (len(PROXY_ANSWER), PROXY_ANSWER)
-            )
+            send_json(connection)
 
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
