@@ -27,7 +27,7 @@ from parley_kit.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
-from parley_kit.forward import BodyCut, ForwardClient, ForwardResponse, Unreachable
+from parley_kit.forward import ForwardClient, ForwardResponse, Unreachable
 from parley_kit.metrics import HTTP_SERVER_DURATION
 
 from . import routing
@@ -301,7 +301,7 @@ class Relay:
                     meter.feed(chunk)  # usage comes in the last events: scanned as they pass, never held back
                     yield chunk
             self._done = True
-        except (BodyCut, OSError) as exc:
+        except OSError as exc:  # a cut body (BodyCut), a silent or reset service
             if self._client_gone:
                 return
             log.warning("upstream stream broke", extra={"error.type": type(exc).__name__})
