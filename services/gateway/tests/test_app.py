@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -144,3 +146,14 @@ def test_unknown_route_is_404_problem_json(client: FlaskClient) -> None:
     response = client.get("/auth/internal/act-as")
     assert response.status_code == 404
     assert response.mimetype == "application/problem+json"
+
+
+def test_the_gateway_never_loads_a_database_library() -> None:
+    """The gateway owns no database: a worker that loaded SQLAlchemy anyway (the kit's error handlers once did)
+    carried ~11 MB more for nothing."""
+    probe = (
+        "import sys, parley_gateway; parley_gateway.create_app(); "
+        "print(sorted(m for m in ('sqlalchemy', 'psycopg') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"  # after the log lines

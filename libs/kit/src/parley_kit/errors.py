@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -202,15 +203,6 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
     def _validation(error: ValidationError) -> Response:
         return render(validation_error(error))
 
-    from sqlalchemy.exc import DataError
-
-    @app.errorhandler(DataError)
-    def _refused_value(error: DataError) -> Response:
-        # A value the database cannot hold (PostgreSQL text cannot carry NUL, numbers and dates have ranges) comes
-        # from the request: the transaction rolled back, and the client gets a 400, not a 500 that reads as our bug.
-        log.warning("database refused a value", extra={"url.path": request.path, "error.type": type(error).__name__})
-        return render(BadRequest("a value in the request cannot be stored (text must not contain NUL characters)"))
-
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException) -> Response:
         mapped = ParleyError(error.description if (error.code or 500) < 500 else None)
@@ -224,6 +216,13 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if database_refused_value(error):
+            # A value the database cannot hold (PostgreSQL text cannot carry NUL, numbers and dates have ranges) comes
+            # from the request: the transaction rolled back, and the client gets a 400, not a 500 that reads as our bug.
+            log.warning(
+                "database refused a value", extra={"url.path": request.path, "error.type": type(error).__name__}
+            )
+            return render(BadRequest("a value in the request cannot be stored (text must not contain NUL characters)"))
         if database_connection_lost(error):
             extra = {"url.path": request.path, "error.type": type(error).__name__}
             log.warning("database connection lost", extra=extra)
@@ -232,9 +231,23 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
         return render(ParleyError())
 
 
+def _database_errors() -> Any:
+    """`sqlalchemy.exc` once this process has loaded SQLAlchemy, else None: then no error can be one of its, and a
+    service without a database (the gateway) is spared loading it (~11 MB) just to say so."""
+    return sys.modules.get("sqlalchemy.exc")
+
+
+def database_refused_value(error: BaseException) -> bool:
+    """Whether the database refused a value of the request (sqlalchemy's DataError)."""
+    exc = _database_errors()
+    return exc is not None and isinstance(error, exc.DataError)
+
+
 def database_connection_lost(error: BaseException) -> bool:
     """Whether the database dropped the connection under a request (restart, failover, pg_terminate_backend): the
     transaction rolled back, so the client may retry; a 503, not a 500 that reads as our bug."""
-    from sqlalchemy.exc import DBAPIError, DisconnectionError
-
-    return isinstance(error, DisconnectionError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+    exc = _database_errors()
+    return exc is not None and (
+        isinstance(error, exc.DisconnectionError)
+        or (isinstance(error, exc.DBAPIError) and error.connection_invalidated)
+    )
