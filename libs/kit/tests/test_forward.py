@@ -6,8 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
+from gevent import get_hub
 
 from parley_kit.forward import BodyCut, ForwardClient, HopError, Unreachable
 from parley_kit.testing import CHAT_ANSWER, free_port, read_http_request, send_json
@@ -34,6 +36,35 @@ def test_answers_reuse_one_keep_alive_connection(serve) -> None:  # type: ignore
     assert len(connections) == 1
     assert heads[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"x-test: 1" in heads[0].lower()
+
+
+def test_an_ip_literal_is_connected_to_without_asking_the_resolver(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """gevent's resolver hands every lookup to a thread, which waits for the GIL behind a busy hub: an IP literal (every
+    hop inside the platform here) needs no lookup at all; a host name still gets one."""
+    hub = get_hub()
+    asked: list[str] = []
+
+    class Recording:  # the hub's own resolver, noting each host it is asked about
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def getaddrinfo(self, host: str, *args: Any, **kwargs: Any) -> Any:
+            asked.append(host)
+            return self.real.getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(hub, "resolver", Recording(hub.resolver))
+
+    def handle(connection: socket.socket) -> None:
+        while read_http_request(connection):
+            send_json(connection)
+
+    url = serve(handle)
+    assert url.startswith("http://127.0.0.1:")
+    for base in (url, url.replace("127.0.0.1", "localhost")):
+        response = ForwardClient(base).request("GET", "/", body=None, headers={})
+        assert (response.status, response.read_all()) == (200, CHAT_ANSWER)
+        response.close()
+    assert asked == ["localhost"]
 
 
 def test_a_stream_is_read_as_it_arrives(serve) -> None:  # type: ignore[no-untyped-def]
