@@ -19,9 +19,17 @@ def child_exit(_server: Any, worker: Any) -> None:
     metrics.mark_worker_dead(worker.pid)
 
 
+# Full collections wait for 1,000 middle-generation ones (Python's default: 10). A full collection walks every live
+# object and pauses the worker for it: with 2,000 streams held by a worker that had served a while, 60-130 ms each,
+# every few seconds, and they were the added time-to-first-chunk p99 (bench/README.md, session 6). Cycles seldom
+# live long enough to reach the oldest generation; the young collections, which find most of them, are unchanged.
+GC_THRESHOLDS = (700, 10, 1000)
+
+
 def post_worker_init(_worker: Any) -> None:
-    """Move everything the app allocated at start-up out of the garbage collector's sight: a full collection then walks
-    only what requests create, not the whole loaded app (imports, models, SDK clients). With 2,000 streams held, the
-    full collections' pauses were the added time-to-first-chunk p99 (bench/README.md)."""
+    """Move everything the app allocated at start-up out of the garbage collector's sight (a full collection then walks
+    only what requests create, not the whole loaded app: imports, models, SDK clients), and make full collections
+    rare (`GC_THRESHOLDS`)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
