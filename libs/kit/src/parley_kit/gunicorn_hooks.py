@@ -26,6 +26,14 @@ def child_exit(_server: Any, worker: Any) -> None:
 GC_THRESHOLDS = (700, 10, 1000)
 
 
+def worker_exit(_server: Any, _worker: Any) -> None:
+    """Let detached bookkeeping (usage rows, token settlements: `parley_kit.background`) finish before the worker
+    goes, within the graceful timeout."""
+    from parley_kit import background
+
+    background.drain(timeout=graceful_timeout / 2)
+
+
 def post_worker_init(_worker: Any) -> None:
     """Move everything the app allocated at start-up out of the garbage collector's sight (a full collection then walks
     only what requests create, not the whole loaded app: imports, models, SDK clients), and make full collections

@@ -12,7 +12,7 @@ from flask import Response, after_this_request, g, request, stream_with_context
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley_kit import tracing
+from parley_kit import background, tracing
 from parley_kit.db import Database
 from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.openapi import error_responses
@@ -123,7 +123,8 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         g.identity = authenticate(request, state.verifier)
 
     def deferred_settle(ctx: relay.CallContext) -> Callable[[CallRecord], None]:
-        """Settle after the answer has been sent (WSGI close), so the ledger write is off the client's clock."""
+        """Settle once the answer has been sent (WSGI close), detached: the ledger write is off this client's clock,
+        and off the next request's on the same connection."""
 
         def settle(record: CallRecord) -> None:
             @after_this_request
@@ -134,7 +135,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
                     with tracing.use(context):
                         state.ledger.settle(ctx, record)
 
-                response.call_on_close(settle_in_trace)
+                response.call_on_close(lambda: background.run_detached(settle_in_trace))
                 return response
 
         return settle
