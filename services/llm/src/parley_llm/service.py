@@ -71,7 +71,8 @@ def record_usage(connection: Connection, row: dict[str, Any]) -> bool:
 
 
 def record_usages(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """Write many calls' usage rows in one multi-row INSERT; a row whose call is already there is skipped."""
+    """Write many calls' usage rows in one round trip (psycopg pipelines the executemany); a row whose call is
+    already there is skipped."""
     connection.execute(_INSERT_MANY_ONCE[connection.dialect.name], rows)
 
 
