@@ -20,7 +20,7 @@ install: ## Create .venv with every service, the kit and the dev tools (from uv.
 	@# Bytecode compiled once, here, as the images do (UV_COMPILE_BYTECODE): with PYTHONDONTWRITEBYTECODE set, every
 	@# process would otherwise compile each module it imports at every start (slower, and ~15% more RSS per process).
 	@$(UV) sync --locked --quiet --compile-bytecode
-	@$(PY) -m compileall -q -j 0 libs services tools bench >/dev/null
+	@$(PY) -m compileall -q -j 0 libs services tools bench
 
 system-deps: ## Install the system tools the tests use (docker-compose, prometheus/promtool, nginx, wrk)
 	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -158,6 +159,26 @@ def test_unknown_and_hidden_routes_are_404(gateway_process: str, path: str) -> N
     """Anything the gateway does not route, including auth's internal endpoints, does not exist at the edge."""
     response = urllib3.request("POST", f"{gateway_process}{path}", body=b"{}", timeout=5)
     assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\nContent-Length: 2\r\n\r\n",  # folded line
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n 0\r\n\r\n",  # folded length
+        b"POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Length: 2\n\n",  # bare LF line ends
+        b"POST  /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",  # doubled space
+    ],
+    ids=["folded-header", "folded-content-length", "bare-lf", "double-space"],
+)
+def test_malformed_request_heads_are_refused_at_the_door(gateway_process: str, head: bytes) -> None:
+    """What a proxy in front could read differently (a request-smuggling lever) gets a 400, never a forwarded request
+    (a C parser once tried here let all four through: a folded line became a header with an empty name)."""
+    host, port = gateway_process.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(head + b"{}")
+        status_line = connection.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 400"), status_line
 
 
 def test_body_over_the_limit_is_413_in_openai_shape(gateway_process: str, token_mint: TokenMint) -> None:

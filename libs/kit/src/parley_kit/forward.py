@@ -198,7 +198,7 @@ def _resolve_literal_in_place(client: HTTPClient) -> None:
             socket.IPPROTO_TCP,
             socket.AI_NUMERICHOST,
         )
-    except OSError:  # a host name: resolved by gevent, per connection, as before
+    except (OSError, UnicodeError):  # a host name (or one only the resolver can judge): gevent resolves it, as before
         return
     pool._resolve = lambda: addresses
 

@@ -10,6 +10,7 @@ keepalive = 75  # longer than the gateway's idle pool timeout, so pooled connect
 graceful_timeout = 30
 # gunicorn 27 opens a control socket at one path per user: several services on one host would clash over it.
 control_socket_disable = True
+DRAIN_SECONDS = 5.0
 
 
 def child_exit(_server: Any, worker: Any) -> None:
@@ -27,11 +28,12 @@ GC_THRESHOLDS = (700, 10, 1000)
 
 
 def worker_exit(_server: Any, _worker: Any) -> None:
-    """Let detached bookkeeping (usage rows, token settlements: `parley_kit.background`) finish before the worker
-    goes, within the graceful timeout."""
+    """Let detached bookkeeping (llm's usage rows: `parley_kit.background`) finish before the worker goes. A worker
+    that drained its connections has usually let it finish already; this covers one that had none open and exits at
+    once. Short, as the master's graceful timeout may be mostly spent by now."""
     from parley_kit import background
 
-    background.drain(timeout=graceful_timeout / 2)
+    background.drain(timeout=DRAIN_SECONDS)
 
 
 def post_worker_init(_worker: Any) -> None:

@@ -72,7 +72,7 @@ class Proxy:
         self._limits = limits
         self._max_body = max_body_bytes
         self._access_log = access_log_enabled
-        self._gevent = _gevent_active()
+        self._gevent = background.under_gevent()  # hang-up watchers are greenlets there
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request."""
@@ -230,8 +230,8 @@ class SettledBody:
         return 1
 
     def close(self) -> None:
-        """The answer is out: settle its tokens, detached (off the next request's clock on this connection)."""
-        background.run_detached(self._settlement.done)
+        """The answer is out: settle its tokens."""
+        self._settlement.done()
 
 
 class Relay:
@@ -417,12 +417,3 @@ def _read_all(upstream: ForwardResponse, service: str) -> bytes:
         raise hop_error(service, exc) from exc
     finally:
         upstream.close()
-
-
-def _gevent_active() -> bool:
-    """True in a gunicorn gevent worker (sockets patched): hang-up watchers are greenlets there."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return bool(monkey.is_module_patched("socket"))
