@@ -147,12 +147,8 @@ class Relay:
             self._done_since_pass = 0
         self._wake.set()
 
-    def run_once(self) -> int:
-        """One pass: returns how many outbox events were drained (the items it queued are logged)."""
-        return self._pass()[0]
-
-    def _pass(self) -> tuple[int, int]:
-        """Drain the outbox and top up the owners' windows: (events drained, items queued)."""
+    def run_once(self) -> tuple[int, int]:
+        """One pass: drain the outbox and top up the owners' windows; (events drained, items queued)."""
         with self._db.transaction() as session:
             events = outbox.claim_unpublished(session, limit=EVENTS_PER_PASS)
             for event in events:
@@ -199,7 +195,7 @@ class Relay:
             self._wake.clear()  # items finishing from here on ask for the pass after this one
             busy = False
             try:
-                events, items = self._pass()
+                events, items = self.run_once()
                 busy = bool(events or items)
             except Exception:
                 log.warning("relay step failed; retrying", extra={"step": "run_once"}, exc_info=True)
