@@ -25,7 +25,7 @@ import requests
 from openai.types import Batch
 from sqlalchemy import create_engine, text
 
-from parley_kit.testing import ServiceProcess, free_port, python_module, unavailable
+from parley_kit.testing import ServiceProcess, eventually, free_port, python_module, unavailable
 
 if TYPE_CHECKING:
     from conftest import Client, RunningPlatform
@@ -93,10 +93,8 @@ def charges(platform: RunningPlatform, client: Client) -> int:
 def charges_once_booked(platform: RunningPlatform, client: Client, expected: int, seconds: float = 10) -> int:
     """`charges`, polled until it reaches `expected` or the time is up: llm books a call just after its answer has
     gone out, so a batch can end a moment before its last item's row lands. One too many shows at once."""
-    deadline = time.monotonic() + seconds
-    while (count := charges(platform, client)) < expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return count
+    eventually(lambda: charges(platform, client) >= expected, seconds)
+    return charges(platform, client)
 
 
 def test_openai_sdk_runs_a_batch_for_an_openai_routed_model(platform: RunningPlatform, client: Client) -> None:

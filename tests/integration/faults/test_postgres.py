@@ -209,12 +209,12 @@ def test_connections_killed_mid_request_are_retried_or_a_clear_503_and_nothing_i
     # None lost: at least one row per 200 and answered line. (A batch's lines share the creating request's id, so the
     # counts are the check, not request_id uniqueness.)
     answered_calls = len(chat_ok) + 3 * len(batches_ok) - lines_failed
-    booked_by = time.monotonic() + 10  # llm books a call just after its answer has gone out
-    while True:
-        rows = query(llm_db, "SELECT request_id FROM usage_records WHERE user_id = :user AND status = 'ok'", user=user)
-        if len(rows) >= answered_calls or time.monotonic() > booked_by:
-            break
-        time.sleep(0.1)
+
+    def booked() -> list[Any]:
+        return query(llm_db, "SELECT request_id FROM usage_records WHERE user_id = :user AND status = 'ok'", user=user)
+
+    eventually(lambda: len(booked()) >= answered_calls, 10)  # llm books a call just after its answer has gone out
+    rows = booked()
     assert len(rows) <= answered_calls + lines_failed, (len(rows), len(chat_ok), len(batches_ok), lines_failed)
     lost = max(0, answered_calls - len(rows))
     figure(
