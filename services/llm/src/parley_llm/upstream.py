@@ -1,19 +1,23 @@
 """The hop to the providers: each provider's wire (base URL, auth and version headers) as its SDK defines it, and
 keep-alive pools that send the client's bytes and hand back the provider's, unparsed.
 
-The SDK client is built once per worker and asked for its base URL and headers; each call then goes out on the kit's
-`ForwardClient` (geventhttpclient). Why not the SDK's own `post`: it rebuilds the request, its headers and an httpx
-client round on every call, which with its transport was ~48% of an llm worker's CPU under load, for bytes we never
-let it parse (bench/README.md). Provider errors become ParleyErrors safe to show a client.
+Each SDK is asked once per process, in a throwaway interpreter (`sdk_headers.py`), for the headers it sends; each
+call then goes out on the kit's `ForwardClient` (geventhttpclient) to the configured base URL. Why not the SDK's own
+`post`: it rebuilds the request, its headers and an httpx client round on every call, which with its transport was
+~48% of an llm worker's CPU under load, for bytes we never let it parse (bench/README.md). Provider errors become
+ParleyErrors safe to show a client.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
-import anthropic
-import openai
 import orjson
 
 from parley_kit.errors import (
@@ -36,10 +40,34 @@ log = logging.getLogger(__name__)
 _BY_STATUS: dict[int, type[ParleyError]] = {404: NotFound, 409: Conflict, 413: PayloadTooLarge}
 
 
-def sdk_headers(client: openai.OpenAI | anthropic.Anthropic) -> dict[str, str]:
-    """What the SDK sends on every request: its auth, version and identification headers (unset ones left out)."""
-    merged = {**client.auth_headers, **client.default_headers}
-    return {name: value for name, value in merged.items() if isinstance(value, str)}
+# Stands for the API key when the SDKs are asked for their headers; the real key replaces it in this process.
+SDK_KEY_PLACEHOLDER = "parley-sdk-key-placeholder"
+SDK_HEADERS_TIMEOUT = 120.0
+
+
+@functools.cache
+def _sdk_headers_with_placeholder() -> dict[str, dict[str, str]]:
+    """Each SDK's headers (its auth, version and identification headers), read once per process from a throwaway
+    interpreter: importing the SDKs here would keep ~55 MB in every worker for a few header lines."""
+    script = Path(__file__).with_name("sdk_headers.py")
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), SDK_KEY_PLACEHOLDER],
+        capture_output=True,
+        timeout=SDK_HEADERS_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"could not read the provider SDKs' headers: {done.stderr.decode(errors='replace')[-800:]}")
+    headers: dict[str, dict[str, str]] = json.loads(done.stdout)
+    return headers
+
+
+def sdk_headers(provider: Provider, api_key: str) -> dict[str, str]:
+    """What the provider's SDK sends on every request with this API key."""
+    return {
+        name: value.replace(SDK_KEY_PLACEHOLDER, api_key)
+        for name, value in _sdk_headers_with_placeholder()[provider.value].items()
+    }
 
 
 class Upstreams:
@@ -47,17 +75,9 @@ class Upstreams:
     `total_timeout`), no retries (the router's loop decides)."""
 
     def __init__(self, settings: LlmSettings) -> None:
-        sdks: dict[Provider, openai.OpenAI | anthropic.Anthropic] = {
-            Provider.OPENAI: openai.OpenAI(
-                api_key=settings.openai_api_key,
-                base_url=settings.openai_base_url,
-                organization=None,
-                project=None,
-                max_retries=0,
-            ),
-            Provider.ANTHROPIC: anthropic.Anthropic(
-                api_key=settings.anthropic_api_key, base_url=settings.anthropic_base_url, max_retries=0
-            ),
+        endpoints = {
+            Provider.OPENAI: (settings.openai_base_url, settings.openai_api_key),
+            Provider.ANTHROPIC: (settings.anthropic_base_url, settings.anthropic_api_key),
         }
         self._secrets = tuple(
             s
@@ -74,15 +94,15 @@ class Upstreams:
         self.total_timeout = settings.total_timeout
         self._pools: dict[tuple[Provider, bool], ForwardClient] = {
             (provider, stream): ForwardClient(
-                str(sdk.base_url),
+                base_url,
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.first_byte_timeout if stream else settings.total_timeout,
                 max_connections=settings.worker_connections,
-                headers=sdk_headers(sdk),
+                headers=sdk_headers(provider, api_key),
                 trace=False,  # our trace ids stay inside the platform
                 egress=True,
             )
-            for provider, sdk in sdks.items()
+            for provider, (base_url, api_key) in endpoints.items()
             for stream in (False, True)
         }
 
