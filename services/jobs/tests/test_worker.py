@@ -6,6 +6,8 @@ auth calls (token caching) and seeing the headers the worker sends to llm (`Auth
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -451,3 +453,14 @@ def test_the_worker_process_runs_a_batch_end_to_end(
         channel.exchange_delete(worker_settings.dead_letter_exchange)
         channel.connection.close()
     assert worker.process is not None and worker.process.returncode == 0, worker.tail()
+
+
+def test_the_worker_never_loads_the_web_stack() -> None:
+    """The batch worker serves no HTTP: Flask, its OpenAPI extension and the token verifier's JWT library (~20 MB of
+    every worker process) are the web app's alone."""
+    probe = (
+        "import sys, parley_jobs.worker; "
+        "print(sorted(m for m in ('flask', 'werkzeug', 'flask_openapi3', 'jwt') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -1,4 +1,8 @@
-"""One error vocabulary for every service, rendered as problem+json or in the OpenAI / Anthropic shapes."""
+"""One error vocabulary for every service, rendered as problem+json or in the OpenAI / Anthropic shapes.
+
+Flask is imported by the functions that render a Flask response, not here: the batch worker raises and reads these
+errors but serves no HTTP, and loading Flask for them cost it ~20 MB.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import logging
 import sys
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from flask import Flask, Response, request
-from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from flask import Flask, Response
+    from pydantic import ValidationError
+    from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +177,8 @@ def error_body(shape: ErrorShape, error: ParleyError) -> dict[str, Any]:
 
 def error_response(shape: ErrorShape, error: ParleyError) -> Response:
     """A complete Flask response for the error."""
+    from flask import Response
+
     mimetype = "application/problem+json" if shape is ErrorShape.PROBLEM else "application/json"
     response = Response(orjson.dumps(error_body(shape, error)), status=error.status, mimetype=mimetype)
     for name, value in error.headers.items():
@@ -191,6 +199,9 @@ def validation_error(exc: ValidationError) -> BadRequest:
 
 def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorShape]) -> None:
     """Answer every error in the shape of the route it happened on; never a traceback."""
+    from flask import request
+    from pydantic import ValidationError
+    from werkzeug.exceptions import HTTPException
 
     def render(error: ParleyError) -> Response:
         return error_response(shape_for_path(request.path), error)
