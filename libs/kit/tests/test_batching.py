@@ -3,6 +3,8 @@ coalesced) and the coalescer (each caller gets its own answer, batches form whil
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,6 +38,31 @@ def test_a_lone_item_is_written_before_add_returns() -> None:
     assert store.batches == [[1]]
     commit.add(2)
     assert store.batches == [[1], [2]]
+
+
+def test_a_lingering_writer_shares_one_write_among_calls_spread_in_time_and_holds_no_caller_up() -> None:
+    """Under gevent (an llm worker), with a linger: calls a few ms apart (one request at a time) share one write,
+    each `add` returns before any write, and the worker_exit hook writes what is still lingering. Without gevent the
+    linger is ignored: a lone item is written before `add` returns (the test above)."""
+    script = """
+from gevent import monkey; monkey.patch_all()
+import time
+import parley_kit.gunicorn_hooks as hooks
+from parley_kit.batching import GroupCommit
+batches = []
+commit = GroupCommit(batches.append, name="test", linger=0.2)
+for n in range(5):
+    commit.add(n)
+    time.sleep(0.01)
+print(batches, end=" ")
+time.sleep(0.3)
+print(batches, end=" ")
+commit.add(5)
+hooks.worker_exit(None, None)
+print(batches)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout == "[] [[0, 1, 2, 3, 4]] [[0, 1, 2, 3, 4], [5]]\n"
 
 
 def test_concurrent_items_are_coalesced_and_each_written_once() -> None:

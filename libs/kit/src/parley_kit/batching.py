@@ -1,19 +1,23 @@
-"""Batching without timers: many callers' round trips, done as one whenever they arrive together.
+"""Batching: many callers' round trips, done as one whenever they arrive together.
 
 `GroupCommit` is for writes nobody waits on; `Coalescer` for round trips whose answer each caller needs.
 
 Group commit: the caller that finds no write in progress becomes the writer: it writes its own item, then every item
 queued while it wrote, until none is left. A caller that arrives during a write queues its item and returns at once.
 So a lone call is written at once, in the caller (exactly as an unbatched write), and under load the writes coalesce
-into one statement per round trip instead of one each, with no timer and no added delay.
+into one statement per round trip instead of one each. With a `linger` (under gevent), the writer runs detached and
+waits that long before its first write, so calls spread out in time (one request at a time) share a round trip too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from . import background
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +25,20 @@ T = TypeVar("T")
 
 
 class GroupCommit(Generic[T]):
-    """Coalesces `add`s into calls of `write(batch)`; safe across threads and gevent greenlets."""
+    """Coalesces `add`s into calls of `write(batch)`; safe across threads and gevent greenlets.
 
-    def __init__(self, write: Callable[[list[T]], None], *, name: str, max_batch: int = 500) -> None:
+    `linger` (seconds) applies under gevent only: the write then runs in a detached greenlet (`parley_kit.background`,
+    drained at worker exit) that first waits `linger`, so no caller is held up by it. Without gevent a lingering
+    writer would hold up its caller, so it writes at once.
+    """
+
+    def __init__(
+        self, write: Callable[[list[T]], None], *, name: str, max_batch: int = 500, linger: float = 0.0
+    ) -> None:
         self._write = write
         self._name = name
         self._max_batch = max_batch
+        self._linger = linger
         self._pending: list[T] = []
         self._lock = threading.Lock()
         self._writing = False
@@ -38,6 +50,22 @@ class GroupCommit(Generic[T]):
             if self._writing:
                 return
             self._writing = True
+        if self._linger and background.under_gevent():
+            background.run_detached(self._write_after_linger)
+        else:
+            self._write_pending()
+
+    def _write_after_linger(self) -> None:
+        try:
+            time.sleep(self._linger)  # gevent's sleep: other greenlets add meanwhile
+        except BaseException:  # killed while lingering: the next caller writes what is queued
+            with self._lock:
+                self._writing = False
+            raise
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        """As the writer: write batches until nothing is queued."""
         while True:
             with self._lock:
                 batch = self._pending[: self._max_batch]

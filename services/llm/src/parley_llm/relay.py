@@ -30,6 +30,9 @@ from .telemetry import CallRecord, observe
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A usage row without a budget waits up to this long (s) for others to share its INSERT: one request at a time, an
+# INSERT per call was ~300 µs of llm and PostgreSQL CPU, a quarter of the whole path's (bench/README.md, session 7).
+USAGE_LINGER = 0.01
 
 
 @dataclass(slots=True)
@@ -71,7 +74,7 @@ class Ledger:
         self.price_version = price_version
         self.directory = budgets.BudgetDirectory(engine, budget_cache_seconds)
         self.default_max_tokens = default_max_tokens
-        self._rows: GroupCommit[dict[str, Any]] = GroupCommit(self._write_rows, name="usage")
+        self._rows: GroupCommit[dict[str, Any]] = GroupCommit(self._write_rows, name="usage", linger=USAGE_LINGER)
 
     def reserve(self, ctx: CallContext) -> None:
         """Hold the call's estimated cost on the caller's budgets (none: no database work); 429 when over."""
@@ -92,10 +95,10 @@ class Ledger:
         """Finish the call's bookkeeping; a ledger failure is logged, never raised into a response.
 
         A call holding a reservation writes its usage row and the budget settlement in one transaction. Any other
-        call's row goes through the group commit: written at once when no write is in progress, or with the rows of
-        the calls that finish meanwhile, in one INSERT. A connection lost on the way (a database restart, a killed
-        backend) is retried on a fresh one: the row's call id makes a retry after an ambiguous commit write nothing,
-        and its budget settlement, committed with it, is not repeated either.
+        call's row goes through the group commit: written with the rows of the calls that finish within
+        `USAGE_LINGER` of it, or while that write is in progress, in one INSERT. A connection lost on the way (a
+        database restart, a killed backend) is retried on a fresh one: the row's call id makes a retry after an
+        ambiguous commit write nothing, and its budget settlement, committed with it, is not repeated either.
         """
         elapsed = time.perf_counter() - ctx.started
         cost = service.price(ctx.deployment, input_tokens=record.input_tokens, output_tokens=record.output_tokens)
