@@ -415,3 +415,21 @@ def test_a_check_cut_off_mid_call_leaves_no_answer_for_the_next(redis_url: str, 
         assert dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"] == "98"
     finally:
         limiter.close()
+
+
+def test_a_redis_that_forgot_the_script_gets_it_again_and_counts_the_check_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """After a Redis restart or `SCRIPT FLUSH` the first EVALSHA is answered NOSCRIPT: the check loads the script,
+    runs it again on the same connection, and the request is counted once, not refused as Redis being down."""
+    limiter = RedisRateLimiter(redis_url, prefix=redis_prefix, timeout=1.0, failure_mode="closed")
+    client = redis.Redis.from_url(redis_url)
+    scopes = (Scope("key", f"flush-{uuid.uuid4().hex}", 10, 0),)
+    try:
+        assert dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"] == "9"
+        client.script_flush()
+        assert dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"] == "8"
+        assert dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"] == "7"
+    finally:
+        client.close()
+        limiter.close()

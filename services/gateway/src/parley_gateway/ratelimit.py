@@ -346,15 +346,18 @@ class RedisRateLimiter:
     def _check(self, keys: list[str], args: list[int | str]) -> list[int]:
         """EVALSHA the check script on the checks' own connection; loaded first when Redis does not know it yet."""
         connection = self._check_connection
+
+        def evalsha() -> list[int]:
+            connection.send_command("EVALSHA", self._check_sha, len(keys), *keys, *args)
+            return connection.read_response()  # type: ignore[no-any-return]
+
         try:
             try:
-                connection.send_command("EVALSHA", self._check_sha, len(keys), *keys, *args)
-                return connection.read_response()  # type: ignore[no-any-return]
+                return evalsha()
             except redis.exceptions.NoScriptError:
                 connection.send_command("SCRIPT", "LOAD", CHECK_SCRIPT)
                 connection.read_response()
-                connection.send_command("EVALSHA", self._check_sha, len(keys), *keys, *args)
-                return connection.read_response()  # type: ignore[no-any-return]
+                return evalsha()
         except redis.ResponseError:
             raise  # an error answer, read whole: the connection is still in step
         except BaseException:

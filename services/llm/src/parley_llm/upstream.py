@@ -114,7 +114,7 @@ class Upstreams:
         try:
             return response.read_all()
         except TimeoutError:
-            raise _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout") from None
+            raise _timed_out(provider) from None
         except OSError:
             raise _no_answer(UpstreamError, provider, "closed the connection", "upstream_cut") from None
         finally:
@@ -128,7 +128,7 @@ class Upstreams:
         try:
             response = pool.request("POST", pool.path_prefix + path, body=content, headers=headers or {})
         except TimeoutError:
-            raise _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout") from None
+            raise _timed_out(provider) from None
         except ValueError:  # a header the client sent is not valid HTTP/1.1: the request is at fault, not the provider
             raise BadRequest("a request header cannot be sent on to the provider", code="invalid_header") from None
         except OSError:
@@ -196,6 +196,11 @@ def _no_answer(error_type: type[ParleyError], provider: Provider, what: str, cod
     error = error_type(f"the {provider.value} provider {what}", code=code)
     error.upstream_status = 0  # type: ignore[attr-defined]
     return error
+
+
+def _timed_out(provider: Provider) -> ParleyError:
+    """The provider gave no answer (or no more of it) within the read timeout."""
+    return _no_answer(GatewayTimeout, provider, "did not answer in time", "upstream_timeout")
 
 
 def _retry_after(value: str | None) -> float | None:
