@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 
 from parley_gateway import GatewaySettings, create_app
 from parley_gateway.ratelimit import (
+    LEASE_SHARE,
     DefaultLimits,
     LocalRateLimiter,
     Principal,
@@ -346,12 +347,13 @@ def test_more_checks_in_flight_than_redis_connections_all_get_an_answer(redis_ur
     from concurrent.futures import ThreadPoolExecutor
 
     limiter = RedisRateLimiter(redis_url, prefix=redis_prefix, timeout=1.0, failure_mode="closed", pool_size=4)
-    scopes = (Scope("key", f"pool-{uuid.uuid4().hex}", 1000, 0),)
+    rpm = 2 * LEASE_SHARE - 1  # too small a limit to lease: every check goes to Redis
+    scopes = (Scope("key", f"pool-{uuid.uuid4().hex}", rpm, 0),)
     with ThreadPoolExecutor(max_workers=64) as pool:
         decisions = list(pool.map(lambda _: limiter.admit(scopes), range(64)))
     assert len(decisions) == 64
     remaining = sorted(int(dict(d.headers)["x-ratelimit-remaining-requests"]) for d in decisions)
-    assert remaining == list(range(1000 - 64, 1000))  # each one counted exactly once
+    assert remaining == list(range(rpm - 64, rpm))  # each one counted exactly once
 
 
 def test_concurrent_checks_share_round_trips_and_each_is_counted_in_order(redis_url: str, redis_prefix: str) -> None:
@@ -433,3 +435,57 @@ def test_a_redis_that_forgot_the_script_gets_it_again_and_counts_the_check_once(
     finally:
         client.close()
         limiter.close()
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: str, redis_prefix: str) -> None:
+    """Two gateway processes taking turns on one key with a limit large enough to lease: far fewer round trips than
+    requests, never more admitted than the limit, and once both have given back what their leases did not use, the
+    window holds exactly the requests admitted."""
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    first, second = (RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed") for _ in range(2))
+    client = redis.Redis.from_url(redis_url)
+    rpm = 20 * LEASE_SHARE
+    scopes = (Scope("key", "leased", rpm, 0),)
+    try:
+        calls_before = evalsha_calls(client)
+        admitted = refused = 0
+        for n in range(rpm + 200):
+            try:
+                (first, second)[n % 2].admit(scopes)
+                admitted += 1
+            except RateLimited:
+                refused += 1  # each one asked Redis
+        round_trips = evalsha_calls(client) - calls_before
+        assert admitted <= rpm
+        assert admitted >= rpm - 2 * (rpm // LEASE_SHARE)  # at most a lease's worth held back by each process
+        assert round_trips - refused < admitted / 8
+        first.close()
+        second.close()
+        assert client.zcard(f"{prefix}ratelimit:key:leased:req") == admitted
+    finally:
+        client.close()
+
+
+def test_a_lease_counts_each_request_in_its_headers_and_gives_back_what_it_did_not_use(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Eight requests in a row grow leases of 1, 2, 4 and 8 admissions: the headers still count one request each,
+    and when the last lease ends its seven unused admissions leave the window."""
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=0.01)
+    client = redis.Redis.from_url(redis_url)
+    key = f"{prefix}ratelimit:key:growing:req"
+    scopes = (Scope("key", "growing", 1000, 0),)
+    try:
+        remaining = [int(dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"]) for _ in range(8)]
+        assert remaining == list(range(999, 991, -1))
+        assert client.zcard(key) == 1 + 2 + 4 + 8  # reserved as leased
+        eventually(lambda: client.zcard(key) == 8, 5, 0.01)
+    finally:
+        client.close()
+        limiter.close()
+    assert client.zcard(key) == 8

@@ -11,6 +11,14 @@ many). Tokens settled after answers are summed per key in the process and writte
 EVALSHA for all of them, so a request costs at most one Redis round trip, not two; a token limit sees usage that late
 (50 ms by default, against a 60 s window). Redis down: refuse (503, "closed") or admit ("open"), and the degraded
 gauge says so.
+
+Leases, for limits large enough to share: a process that keeps coming back for the same scopes asks for more than one
+admission at once (doubling while it uses them up within `LEASE_SECONDS`, at most 1/`LEASE_SHARE` of the smallest
+request limit) and admits the next requests from the lease without a round trip. The lease's admissions are counted in
+Redis when granted, scored at the end of the lease so none leaves the window early: a limit is never exceeded, and one
+process's unused admissions are given back (ZREM) with the next settlement after its lease ends. A request limit under
+2 x `LEASE_SHARE` never leases: each request is checked as it comes. A lease admits without looking at the token
+count again, so a token limit sees usage up to `LEASE_SECONDS` + `settle_interval` late.
 """
 
 from __future__ import annotations
@@ -40,26 +48,34 @@ from .metrics import RATELIMIT_DECISIONS, RATELIMIT_DEGRADED
 log = logging.getLogger(__name__)
 
 WINDOW_MS = 60_000
+# A lease lasts this long, and holds at most 1/LEASE_SHARE of any of its request limits (never more than LEASE_MAX).
+LEASE_SECONDS = 0.1
+LEASE_SHARE = 50
+LEASE_MAX = 1000
+LEASE_FORGET_SECONDS = 1.0  # an ended lease is forgotten after this long without a new one
 # After a Redis failure, requests skip Redis for this long (a black-holed Redis must not cost each request a timeout).
 REDIS_RETRY_AFTER = 1.0
 
 # Checks a batch of requests in arrival order (each sees the ones before it counted), as one atomic step.
 # KEYS: per request, per scope: its request log (sorted set) then its token windows (hash).
-# ARGV: window (ms), the number of requests, then per request: a unique member, its number of scopes, and per scope
-# rpm, tpm (0 = off).
-# Returns, per request: limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, then per scope: used_req,
-# reset_req_ms, used_tok.
+# ARGV: window (ms), lease hold (ms), the number of requests, then per request: a unique member, its number of scopes,
+# the admissions it asks for (1, or more for a lease), and per scope rpm, tpm (0 = off).
+# An admitted request is granted as many admissions as it asked for and every request limit has room for (at least
+# its own): each is a member of the request logs, scored at the end of the lease's hold when it is more than one.
+# Returns, per request: limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, granted, then per scope:
+# used_req, reset_req_ms, used_tok.
 CHECK_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
+local hold = tonumber(ARGV[2])
 local slot = math.floor(now / window)
 local token_reset = (slot + 1) * window - now
 local result = {}
-local a, k = 3, 0
-for _ = 1, tonumber(ARGV[2]) do
-  local member, scopes = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
+local a, k = 4, 0
+for _ = 1, tonumber(ARGV[3]) do
+  local member, scopes, want = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
   local limited, kind, retry = 0, 0, 0
   local out = {}
   for i = 1, scopes do
@@ -88,11 +104,29 @@ for _ = 1, tonumber(ARGV[2]) do
     out[#out + 1] = reset_req
     out[#out + 1] = used_tok
   end
+  local granted = 0
   if limited == 0 then
+    granted = want
+    for i = 1, scopes do
+      local rpm = tonumber(ARGV[a + 2 * i - 2])
+      if rpm > 0 then granted = math.min(granted, rpm - out[3 * i - 2]) end
+    end
+    local score = now
+    if granted > 1 then score = now + hold end
     for i = 1, scopes do
       if tonumber(ARGV[a + 2 * i - 2]) > 0 then
-        redis.call('ZADD', KEYS[k + 2 * i - 1], now, member)
-        redis.call('PEXPIRE', KEYS[k + 2 * i - 1], window)
+        local log_key = KEYS[k + 2 * i - 1]
+        if granted == 1 then
+          redis.call('ZADD', log_key, score, member)
+        else
+          local pairs = {}
+          for j = 1, granted do
+            pairs[#pairs + 1] = score
+            pairs[#pairs + 1] = member .. ':' .. j
+          end
+          redis.call('ZADD', log_key, unpack(pairs))
+        end
+        redis.call('PEXPIRE', log_key, window + hold)
       end
     end
   end
@@ -100,6 +134,7 @@ for _ = 1, tonumber(ARGV[2]) do
   result[#result + 1] = kind
   result[#result + 1] = retry
   result[#result + 1] = token_reset
+  result[#result + 1] = granted
   for _, value in ipairs(out) do result[#result + 1] = value end
   a = a + 2 * scopes
   k = k + 2 * scopes
@@ -263,8 +298,64 @@ def duration(milliseconds: float) -> str:
     return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
+class Lease:
+    """Admissions granted to this process for one set of scopes, already counted in Redis."""
+
+    __slots__ = ("expires", "granted", "granted_at", "left", "member", "token_reset_ms", "usage", "used")
+
+    def __init__(
+        self,
+        *,
+        member: str,
+        granted: int,
+        granted_at: float,
+        usage: list[tuple[int, float, int]],
+        token_reset_ms: float,
+    ) -> None:
+        self.member = member  # the members in Redis are `member:1` … `member:granted`
+        self.granted = granted
+        self.used = 1  # the request that asked for it took the first
+        self.left = granted - 1  # zero once used up or given back
+        self.granted_at = granted_at
+        self.expires = granted_at + LEASE_SECONDS
+        self.usage = usage  # per scope, as the check that granted it saw them
+        self.token_reset_ms = token_reset_ms
+
+    def take(self, scopes: tuple[Scope, ...], now: float) -> Decision:
+        """Admit one more request (the caller holds the limiter's lock); its headers as this process sees the
+        window."""
+        self.left -= 1
+        taken = self.used
+        self.used += 1
+        elapsed_ms = (now - self.granted_at) * 1000
+        usage = [
+            (used + taken, max(0.0, reset - elapsed_ms) if reset else 0.0, used_tokens)
+            for used, reset, used_tokens in self.usage
+        ]
+        return decide(
+            scopes,
+            limited=False,
+            kind=0,
+            retry_ms=0,
+            token_reset_ms=max(0.0, self.token_reset_ms - elapsed_ms),
+            usage=usage,
+        )
+
+    def next_size(self, scopes: tuple[Scope, ...], now: float) -> int:
+        """How many admissions to ask for next: twice this lease if it was used up before it ended, else as many as
+        it served; within the scopes' cap."""
+        wanted = 2 * self.granted if self.used >= self.granted and now < self.expires else self.used
+        return max(1, min(wanted, lease_cap(scopes)))
+
+
+def lease_cap(scopes: tuple[Scope, ...]) -> int:
+    """The most admissions one lease may hold for these scopes (1: no lease)."""
+    return min([LEASE_MAX, *(max(1, scope.rpm // LEASE_SHARE) for scope in scopes if scope.rpm)])
+
+
 class RedisRateLimiter:
-    """Limits shared by every gateway process through one Redis (checks and settlements batched)."""
+    """Limits shared by every gateway process through one Redis (checks and settlements batched, leases for limits
+    large enough to share)."""
 
     def __init__(
         self,
@@ -297,13 +388,16 @@ class RedisRateLimiter:
         self._check_sha = self._redis.register_script(CHECK_SCRIPT).sha
         self._check_connection = pool.make_connection()
         weakref.finalize(self, self._check_connection.disconnect)  # as the pool's own connections are
-        self._checks: Coalescer[tuple[Scope, ...], list[int]] = Coalescer(self._check_batch)
+        self._checks: Coalescer[tuple[tuple[Scope, ...], str, int], list[int]] = Coalescer(self._check_batch)
         self._settle = self._redis.register_script(SETTLE_SCRIPT)
         self._degraded = False
         self._skip_until = 0.0
         self._settle_interval = settle_interval
         self._unsettled: dict[str, int] = {}  # token window key -> tokens not yet written
-        self._settle_lock = threading.Lock()
+        self._leases: dict[tuple[Scope, ...], Lease] = {}
+        self._leasing: set[tuple[Scope, ...]] = set()  # scopes whose next lease is being asked for
+        self._unused: dict[str, list[str]] = {}  # request log key -> lease members to give back
+        self._lock = threading.Lock()
         self._settler_pid = 0  # the process whose settler thread runs (a forked worker starts its own)
         self._closed = threading.Event()
 
@@ -312,33 +406,62 @@ class RedisRateLimiter:
         self._redis.ping()
 
     def admit(self, scopes: tuple[Scope, ...]) -> Decision:
-        """Check and count every scope in one round trip (shared with the requests checked alongside)."""
-        if self._skip_until > time.monotonic():
-            return self._unavailable()
+        """Admit from this process's lease for these scopes, or check and count every scope in one round trip
+        (shared with the requests checked alongside). One check at a time per scopes asks for the next lease (the
+        others count only themselves), so concurrent requests never reserve more than one lease's worth."""
+        now = time.monotonic()
+        leasing = False
+        with self._lock:
+            lease = self._leases.get(scopes)
+            if lease is not None and lease.left > 0 and now < lease.expires:
+                return lease.take(scopes, now)
+            if lease_cap(scopes) > 1 and scopes not in self._leasing:
+                leasing = True
+                self._leasing.add(scopes)
         try:
-            result = self._checks(scopes)
-        except redis.RedisError as exc:
-            return self._failed(exc)
-        self._recovered()
-        limited, kind, retry_ms, token_reset_ms = result[:4]
-        usage = [(result[i], float(result[i + 1]), result[i + 2]) for i in range(4, len(result), 3)]
-        return decide(
-            scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
-        )
+            if self._skip_until > now:
+                return self._unavailable()
+            want = lease.next_size(scopes, now) if leasing and lease is not None else 1
+            member = uuid.uuid4().hex
+            try:
+                result = self._checks((scopes, member, want))
+            except redis.RedisError as exc:
+                return self._failed(exc)
+            self._recovered()
+            limited, kind, retry_ms, token_reset_ms, granted = result[:5]
+            usage = [(result[i], float(result[i + 1]), result[i + 2]) for i in range(5, len(result), 3)]
+            decision = decide(
+                scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
+            )
+            if leasing:  # kept even when it holds only this request: the next lease's size grows from it
+                fresh = Lease(
+                    member=member, granted=granted, granted_at=now, usage=usage, token_reset_ms=token_reset_ms
+                )
+                with self._lock:
+                    old = self._leases.get(scopes)
+                    self._leases[scopes] = fresh
+                    if old is not None and old.left > 0:
+                        self._give_back(scopes, old)
+                self._start_settler()
+            return decision
+        finally:
+            if leasing:
+                with self._lock:
+                    self._leasing.discard(scopes)
 
-    def _check_batch(self, batch: list[tuple[Scope, ...]]) -> list[list[int]]:
+    def _check_batch(self, batch: list[tuple[tuple[Scope, ...], str, int]]) -> list[list[int]]:
         """One EVALSHA for every request in the batch; each request's slice of the answer."""
         keys: list[str] = []
-        args: list[int | str] = [WINDOW_MS, len(batch)]
-        for scopes in batch:
-            args += [uuid.uuid4().hex, len(scopes)]
+        args: list[int | str] = [WINDOW_MS, int(LEASE_SECONDS * 1000), len(batch)]
+        for scopes, member, want in batch:
+            args += [member, len(scopes), want]
             for scope in scopes:
                 keys += [self._key(scope, "req"), self._key(scope, "tok")]
                 args += [scope.rpm, scope.tpm]
         flat = [int(value) for value in self._check(keys, args)]
         answers, start = [], 0
-        for scopes in batch:
-            end = start + 4 + 3 * len(scopes)
+        for scopes, _member, _want in batch:
+            end = start + 5 + 3 * len(scopes)
             answers.append(flat[start:end])
             start = end
         return answers
@@ -370,30 +493,63 @@ class RedisRateLimiter:
         """Count the tokens against each scope; they reach Redis with the next batch (at most `settle_interval` s)."""
         if tokens <= 0 or not scopes:
             return
-        with self._settle_lock:
+        with self._lock:
             for scope in scopes:
                 key = self._key(scope, "tok")
                 self._unsettled[key] = self._unsettled.get(key, 0) + tokens
-            if self._settler_pid != os.getpid():
-                self._settler_pid = os.getpid()
-                threading.Thread(target=self._settle_every_interval, name="token-settler", daemon=True).start()
-                atexit.register(self.close)  # a worker's last counts are written as it exits
+        self._start_settler()
 
-    def flush(self) -> None:
-        """Write every unsettled count in one EVALSHA now; a failure is logged (the answers have already gone out)."""
-        with self._settle_lock:
+    def _start_settler(self) -> None:
+        """The settler thread of this process (a forked worker starts its own)."""
+        with self._lock:
+            if self._settler_pid == os.getpid():
+                return
+            self._settler_pid = os.getpid()
+        threading.Thread(target=self._settle_every_interval, name="token-settler", daemon=True).start()
+        atexit.register(self.close)  # a worker's last counts are written, its unused admissions given back, at exit
+
+    def _give_back(self, scopes: tuple[Scope, ...], lease: Lease) -> None:
+        """Queue a lease's unused admissions for removal from the request logs (under the limiter's lock)."""
+        members = [f"{lease.member}:{n}" for n in range(1, lease.left + 1)]  # all scored alike: which ones is moot
+        lease.left = 0
+        for scope in scopes:
+            if scope.rpm:
+                self._unused.setdefault(self._key(scope, "req"), []).extend(members)
+
+    def flush(self, *, every_lease: bool = False) -> None:
+        """Write every unsettled count and give back the unused admissions of ended leases (all leases when
+        `every_lease`), in one round trip; a failure is logged (the answers have already gone out)."""
+        now = time.monotonic()
+        with self._lock:
+            for scopes, lease in list(self._leases.items()):
+                if every_lease or now >= lease.expires:
+                    if lease.left > 0:
+                        self._give_back(scopes, lease)
+                    if every_lease or now >= lease.expires + LEASE_FORGET_SECONDS:  # kept a while to size the next
+                        del self._leases[scopes]
             batch, self._unsettled = self._unsettled, {}
-        if not batch or self._skip_until > time.monotonic():
+            unused, self._unused = self._unused, {}
+        if not (batch or unused) or self._skip_until > time.monotonic():
             return
         try:
-            self._settle(keys=list(batch), args=[WINDOW_MS, *batch.values()])
+            if batch:
+                self._settle(keys=list(batch), args=[WINDOW_MS, *batch.values()])
+            if unused:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for key, members in unused.items():
+                        pipe.zrem(key, *members)
+                    pipe.execute()
         except redis.RedisError as exc:
-            log.warning("could not settle tokens in Redis", extra={"error.type": type(exc).__name__})
+            log.warning(
+                "could not settle tokens or give back leased admissions in Redis",
+                extra={"error.type": type(exc).__name__},
+            )
 
     def close(self) -> None:
-        """Write what is unsettled, stop the settler and close the checks' connection."""
+        """Write what is unsettled, give back every lease's unused admissions, stop the settler and close the checks'
+        connection."""
         self._closed.set()
-        self.flush()
+        self.flush(every_lease=True)
         self._check_connection.disconnect()
 
     def _settle_every_interval(self) -> None:
