@@ -73,9 +73,17 @@ def create_app(settings: SampleSettings | None = None):  # type: ignore[no-untyp
         def conflict() -> dict:
             raise Conflict("already there", headers={"Retry-After": "3"})
 
+        def database_down() -> dict:
+            from sqlalchemy import create_engine
+
+            # Nothing listens on port 1: the database is down (or not yet up), as during a restart or a failover.
+            with create_engine("postgresql+psycopg://parley@127.0.0.1:1/parley").connect():
+                return {}
+
         api.post(prefix, endpoint=f"create_{endpoint}")(create)
         api.get(f"{prefix}/boom", endpoint=f"boom_{endpoint}")(boom)
         api.get(f"{prefix}/conflict", endpoint=f"conflict_{endpoint}")(conflict)
+        api.get(f"{prefix}/database-down", endpoint=f"database_down_{endpoint}")(database_down)
 
     app.register_api(api)
     app.extensions["sample_health"] = health

@@ -153,6 +153,22 @@ def test_unhandled_exception_is_a_bare_500(client: FlaskClient, prefix: str, sha
 
 
 @pytest.mark.parametrize(("prefix", "shape"), PREFIXES.items())
+def test_a_database_that_cannot_be_reached_is_a_503_to_retry_not_a_500(
+    client: FlaskClient, prefix: str, shape: ErrorShape, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database down or restarting (connection refused) is an outage the client may retry through, in the route's
+    shape, logged as a warning: not "unhandled error" and a 500 that reads as our bug."""
+    response = client.get(f"{prefix}/database-down")
+    fields = assert_shape(response, shape, 503)
+    assert response.headers["Retry-After"] == "1"
+    assert "database unavailable" in json.dumps(fields)
+    assert "127.0.0.1" not in response.get_data(as_text=True)
+    assert [(r.levelname, r.message) for r in caplog.records if r.name == "parley_kit.errors"] == [
+        ("WARNING", "database unavailable")
+    ]
+
+
+@pytest.mark.parametrize(("prefix", "shape"), PREFIXES.items())
 def test_parley_error_keeps_status_and_headers(client: FlaskClient, prefix: str, shape: ErrorShape) -> None:
     response = client.get(f"{prefix}/conflict")
     fields = assert_shape(response, shape, 409)

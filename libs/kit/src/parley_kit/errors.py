@@ -234,9 +234,9 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
                 "database refused a value", extra={"url.path": request.path, "error.type": type(error).__name__}
             )
             return render(BadRequest("a value in the request cannot be stored (text must not contain NUL characters)"))
-        if database_connection_lost(error):
+        if database_unavailable(error):
             extra = {"url.path": request.path, "error.type": type(error).__name__}
-            log.warning("database connection lost", extra=extra)
+            log.warning("database unavailable", extra=extra)
             return render(ServiceUnavailable("database unavailable, retry shortly", headers={"Retry-After": "1"}))
         log.exception("unhandled error", extra={"url.path": request.path})
         return render(ParleyError())
@@ -262,3 +262,11 @@ def database_connection_lost(error: BaseException) -> bool:
         isinstance(error, exc.DisconnectionError)
         or (isinstance(error, exc.DBAPIError) and error.connection_invalidated)
     )
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether the database could not serve the request now: it dropped the connection (above), or could not be
+    reached or could not run the statement (an OperationalError: refused, restarting, out of connections, a statement
+    timeout). A 503 to retry, not a 500 that reads as our bug."""
+    exc = _database_errors()
+    return exc is not None and (isinstance(error, exc.OperationalError) or database_connection_lost(error))
