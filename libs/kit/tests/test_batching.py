@@ -65,6 +65,46 @@ print(batches)
     assert result.stdout == "[] [[0, 1, 2, 3, 4]] [[0, 1, 2, 3, 4], [5]]\n"
 
 
+def test_a_detached_writer_keeps_a_batch_while_the_database_is_away_and_drops_nothing_else() -> None:
+    """Under gevent: a write failing for a reason `retry_while` accepts (the database is away) is tried again after a
+    pause, with the items that came meanwhile, until it goes through: each item written once, in order. A batch that
+    fails otherwise is logged and dropped, as before; items past `max_pending` are dropped and logged once."""
+    script = """
+from gevent import monkey; monkey.patch_all()
+import logging, time
+from parley_kit import batching
+from parley_kit.batching import GroupCommit
+batching.RETRY_FIRST_SECONDS = 0.05
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+class Away(Exception):
+    pass
+written, failures = [], {0: [Away(), Away()], 3: [ValueError("bad row")]}
+def write(batch):
+    if failures.get(batch[0]):
+        raise failures[batch[0]].pop(0)
+    written.append(list(batch))
+commit = GroupCommit(write, name="test", linger=0.01, retry_while=lambda exc: isinstance(exc, Away), max_pending=4)
+commit.add(0)
+commit.add(1)
+time.sleep(0.03)  # the first write fails: kept
+commit.add(2)
+time.sleep(0.3)  # failed again, then written with the item that came meanwhile
+commit.add(3)
+time.sleep(0.1)  # fails for a reason not retried: dropped
+for n in range(4, 10):
+    commit.add(n)  # the writer lingers: four wait, two are dropped
+time.sleep(0.1)
+print(written)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout == "[[0, 1, 2], [4, 5, 6, 7]]\n"
+    log = result.stderr.splitlines()
+    assert log.count("a batched write failed; it is kept and tried again") == 2
+    assert log.count("a batched write failed") == 1  # the bad row, with its traceback
+    assert log.count("a batched write's backlog is full: items are dropped until it drains") == 1
+    assert log.count("items were dropped while a batched write's backlog was full") == 1
+
+
 def test_concurrent_items_are_coalesced_and_each_written_once() -> None:
     store = Store(delay=0.005)
     commit = GroupCommit(store.write, name="test")

@@ -24,6 +24,7 @@ import pytest
 import requests
 from _pytest.pathlib import ImportMode, import_path
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from parley_kit.processes import ServiceProcess, free_port, python_module
 from parley_kit.testing import LoopbackServer, PostgresServer, TokenMint
@@ -382,13 +383,15 @@ def _anthropic_events(body: dict[str, Any], tokens: int) -> Iterator[bytes]:
 class TcpProxy:
     """A TCP proxy on its own asyncio loop (a thread). `latency` delays every piece of data in both directions;
     `arm(direction, after)` cuts (RST both sides) the next connection that passes `after` more bytes in that
-    direction ("request": towards the target, "response": back), once."""
+    direction ("request": towards the target, "response": back), once; `refuse()` cuts every connection and turns
+    new ones away (the target is down), `resume()` lets them through again."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.latency = 0.0
         self.connections = 0
         self.cuts = 0
+        self.refusing = False
         self._armed: tuple[str, int] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -405,8 +408,24 @@ class TcpProxy:
         """Cut the connection that next carries more than `after` bytes in `direction`."""
         self._armed = (direction, after)
 
+    def refuse(self) -> None:
+        """From now on the target is down: open connections are cut, new ones closed at once."""
+        self.refusing = True
+        asyncio.run_coroutine_threadsafe(self._cut_all(), self._loop).result(10)
+
+    def resume(self) -> None:
+        """The target is back."""
+        self.refusing = False
+
+    async def _cut_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -491,17 +510,29 @@ class OwnLlm:
             time.sleep(0.1)
 
 
-def start_own_llm(postgres: PostgresServer, token_mint: TokenMint, log_dir: Path, upstream: str, **env: str) -> OwnLlm:
-    """`parley_llm` migrated and served (one gevent worker) with both providers at `upstream`."""
+def start_own_llm(
+    postgres: PostgresServer,
+    token_mint: TokenMint,
+    log_dir: Path,
+    upstream: str,
+    *,
+    database_port: int | None = None,
+    **env: str,
+) -> OwnLlm:
+    """`parley_llm` migrated and served (one gevent worker) with both providers at `upstream`; its database reached
+    on `database_port` (a proxy's) when given. `OwnLlm.database_url` is the direct one, for the test's queries."""
     port = free_port()
     database_url = postgres.create_database(f"faults_llm_{uuid.uuid4().hex[:6]}")
+    served_url = database_url
+    if database_port is not None:
+        served_url = make_url(database_url).set(port=database_port).render_as_string(hide_password=False)
     (log_dir / "metrics").mkdir(exist_ok=True)
     values = {
         "PARLEY_ENV": "test",
         "PARLEY_JWKS_URL": token_mint.jwks_url,
         "LLM_BIND": f"127.0.0.1:{port}",
         "LLM_WORKERS": "1",
-        "LLM_DATABASE_URL": database_url,
+        "LLM_DATABASE_URL": served_url,
         "LLM_METRICS_DIR": str(log_dir / "metrics"),
         "LLM_OPENAI_BASE_URL": f"{upstream}/v1",
         "LLM_ANTHROPIC_BASE_URL": upstream,

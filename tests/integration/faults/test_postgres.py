@@ -2,30 +2,38 @@
 pg_terminate_backend while chat completions, API-key creations and batch creations run through the gateway. Each
 request is answered (200/201 after a retry) or refused with a clear 503 in the route's shape, never a 500; nothing is
 half-written (no batch without its items, no key the client was told failed, no usage row twice or without its
-call); and once the killing stops, every kind of request succeeds again."""
+call); and once the killing stops, every kind of request succeeds again. And the llm database away altogether (a
+proxy turning connections away): calls answered meanwhile are booked once it is back."""
 
 from __future__ import annotations
 
 import json
 import random
+import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from parley_kit.testing import PostgresServer, eventually
+from parley_kit.testing import PostgresServer, TokenMint, eventually
 
 from .conftest import (
+    RawUpstream,
+    TcpProxy,
     assert_openai_error,
     assert_problem,
     batches_e2e,
+    call,
     figure,
     query,
+    start_own_llm,
     user_of,
 )
 
@@ -231,3 +239,40 @@ def test_connections_killed_mid_request_are_retried_or_a_clear_503_and_nothing_i
         seconds_until_batches_done=round(waited, 1),
     )
     assert lost == 0, f"{lost} of {answered_calls} answered calls have no usage row"
+
+
+def test_calls_answered_while_the_ledger_database_is_away_are_booked_once_it_is_back(
+    postgres: PostgresServer, token_mint: TokenMint, raw_upstream: RawUpstream, tmp_path: Path
+) -> None:
+    """llm's database goes away (a TCP proxy of ours in front of it cuts every connection and turns new ones away)
+    while calls keep being answered (who has budgets is cached, and a call needs nothing else from it). Their usage
+    rows wait in the worker and are written once the database is back: every answered call booked exactly once."""
+    proxy = TcpProxy(make_url(postgres.admin_url).port or 5432)
+    llm = start_own_llm(
+        postgres,
+        token_mint,
+        tmp_path,
+        raw_upstream.url,
+        database_port=proxy.port,
+        LLM_BUDGET_CACHE_SECONDS="300",  # the cache of who has budgets outlives the outage
+    )
+    user = f"faults-pg-away-{uuid.uuid4().hex[:8]}"
+    token = token_mint.mint(user)
+    try:
+        assert call(llm, token, "openai", "", stream=False).status_code == 200
+        assert len(llm.usage(user, 1)) == 1
+        proxy.refuse()
+        statuses = Counter(call(llm, token, "openai", "", stream=False).status_code for _ in range(10))
+        time.sleep(1.0)  # the rows' writes fail meanwhile, and are kept
+        booked_while_away = len(query(llm.database_url, "SELECT 1 FROM usage_records WHERE user_id = :u", u=user))
+        proxy.resume()
+        rows = llm.usage(user, 1 + statuses[200], seconds=20)
+        time.sleep(0.5)  # a second write of the same rows would show by now
+        rows = llm.usage(user, 1 + statuses[200])
+    finally:
+        llm.process.stop(timeout=10, signum=signal.SIGTERM)
+        proxy.close()
+    figure("pg_away", statuses=dict(statuses), booked_while_away=booked_while_away, booked_after=len(rows))
+    assert statuses == {200: 10}
+    assert booked_while_away == 1
+    assert len(rows) == 11 and len({row.request_id for row in rows}) == 11

@@ -6,7 +6,9 @@ Group commit: the caller that finds no write in progress becomes the writer: it 
 queued while it wrote, until none is left. A caller that arrives during a write queues its item and returns at once.
 So a lone call is written at once, in the caller (exactly as an unbatched write), and under load the writes coalesce
 into one statement per round trip instead of one each. With a `linger` (under gevent), the writer runs detached and
-waits that long before its first write, so calls spread out in time (one request at a time) share a round trip too.
+waits that long before its first write, so calls spread out in time (one request at a time) share a round trip too;
+a detached writer also keeps a batch that failed for a reason `retry_while` accepts (the database is away) and tries
+it again, backing off, until it is written or the worker exits.
 """
 
 from __future__ import annotations
@@ -23,49 +25,73 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+RETRY_FIRST_SECONDS = 0.2  # a detached writer's first wait after a failed write; doubled up to RETRY_MAX_SECONDS
+RETRY_MAX_SECONDS = 5.0
+
 
 class GroupCommit(Generic[T]):
     """Coalesces `add`s into calls of `write(batch)`; safe across threads and gevent greenlets.
 
     `linger` (seconds) applies under gevent only: the write then runs in a detached greenlet (`parley_kit.background`,
     drained at worker exit) that first waits `linger`, so no caller is held up by it. Without gevent a lingering
-    writer would hold up its caller, so it writes at once.
+    writer would hold up its caller, so it writes at once. A detached writer keeps a batch whose write failed with an
+    error `retry_while` accepts, and writes it again after a pause (so `write` must be safe to repeat); meanwhile at
+    most `max_pending` items wait, and what comes past that is dropped and logged.
     """
 
     def __init__(
-        self, write: Callable[[list[T]], None], *, name: str, max_batch: int = 500, linger: float = 0.0
+        self,
+        write: Callable[[list[T]], None],
+        *,
+        name: str,
+        max_batch: int = 500,
+        linger: float = 0.0,
+        retry_while: Callable[[Exception], bool] | None = None,
+        max_pending: int = 20_000,
     ) -> None:
         self._write = write
         self._name = name
         self._max_batch = max_batch
         self._linger = linger
+        self._retry_while = retry_while
+        self._max_pending = max_pending
         self._pending: list[T] = []
+        self._dropped = 0  # items refused since the backlog filled up
         self._lock = threading.Lock()
         self._writing = False
 
     def add(self, item: T) -> None:
         """Queue `item`; write it (and whatever queues meanwhile) unless another caller is already writing."""
         with self._lock:
-            self._pending.append(item)
-            if self._writing:
-                return
-            self._writing = True
+            full = len(self._pending) >= self._max_pending
+            if full:
+                self._dropped += 1
+                first_dropped = self._dropped == 1
+            else:
+                self._pending.append(item)
+                if self._writing:
+                    return
+                self._writing = True
+        if full:
+            if first_dropped:
+                log.error(
+                    "a batched write's backlog is full: items are dropped until it drains",
+                    extra={"batch.name": self._name, "batch.size": self._max_pending},
+                )
+            return
         if self._linger and background.under_gevent():
             background.run_detached(self._write_after_linger)
         else:
             self._write_pending()
 
     def _write_after_linger(self) -> None:
-        try:
-            time.sleep(self._linger)  # gevent's sleep: other greenlets add meanwhile
-        except BaseException:  # killed while lingering: the next caller writes what is queued
-            with self._lock:
-                self._writing = False
-            raise
-        self._write_pending()
+        self._pause(self._linger)  # gevent's sleep: other greenlets add meanwhile
+        self._write_pending(detached=True)
 
-    def _write_pending(self) -> None:
-        """As the writer: write batches until nothing is queued."""
+    def _write_pending(self, *, detached: bool = False) -> None:
+        """As the writer: write batches until nothing is queued (a detached writer keeps and retries a batch that
+        failed for a reason `retry_while` accepts)."""
+        pause = RETRY_FIRST_SECONDS
         while True:
             with self._lock:
                 batch = self._pending[: self._max_batch]
@@ -75,13 +101,43 @@ class GroupCommit(Generic[T]):
                     return
             try:
                 self._write(batch)
-            except Exception:
+                pause = RETRY_FIRST_SECONDS
+                self._report_dropped()
+            except Exception as exc:
+                if detached and self._retry_while is not None and self._retry_while(exc):
+                    with self._lock:
+                        self._pending[:0] = batch  # first in line again, as it was
+                    log.warning(
+                        "a batched write failed; it is kept and tried again",
+                        extra={"batch.name": self._name, "batch.size": len(batch), "error.type": type(exc).__name__},
+                    )
+                    self._pause(pause)
+                    pause = min(2 * pause, RETRY_MAX_SECONDS)
+                    continue
                 # The writer retries what can be retried; a batch still failing is logged, as a lone write was.
                 log.exception("a batched write failed", extra={"batch.name": self._name, "batch.size": len(batch)})
             except BaseException:  # the writer is being killed: the next caller takes over what is still queued
                 with self._lock:
                     self._writing = False
                 raise
+
+    def _pause(self, seconds: float) -> None:
+        """Wait (lingering, or before writing a kept batch again); killed meanwhile, the next caller writes."""
+        try:
+            time.sleep(seconds)
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise
+
+    def _report_dropped(self) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            log.error(
+                "items were dropped while a batched write's backlog was full",
+                extra={"batch.name": self._name, "batch.dropped": dropped},
+            )
 
 
 R = TypeVar("R")

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from parley_kit.batching import GroupCommit
 from parley_kit.db import retry_lost_connection, run_statement, utcnow
-from parley_kit.errors import ParleyError, UpstreamError
+from parley_kit.errors import ParleyError, UpstreamError, database_unavailable
 from parley_kit.forward import ForwardResponse
 
 from . import budgets, service
@@ -74,7 +74,11 @@ class Ledger:
         self.price_version = price_version
         self.directory = budgets.BudgetDirectory(engine, budget_cache_seconds)
         self.default_max_tokens = default_max_tokens
-        self._rows: GroupCommit[dict[str, Any]] = GroupCommit(self._write_rows, name="usage", linger=USAGE_LINGER)
+        # Rows of calls answered while the database is away are kept and written once it is back (their call ids make a
+        # repeated write after an ambiguous commit write nothing).
+        self._rows: GroupCommit[dict[str, Any]] = GroupCommit(
+            self._write_rows, name="usage", linger=USAGE_LINGER, retry_while=database_unavailable
+        )
 
     def reserve(self, ctx: CallContext) -> None:
         """Hold the call's estimated cost on the caller's budgets (none: no database work); 429 when over."""
