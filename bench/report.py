@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,21 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     floor_rps = _get(scenarios, "throughput", "floor", "requests_per_s")
     ratio = _ratio(full_rps, floor_rps)
     refused = _get(scenarios, "throughput", "full", "non_2xx") or 0
+    paired = scenarios.get("throughput_paired") or {}
+    paired_label = ""
+    if paired.get("median_ratio") is not None:
+        # The back-to-back rounds judge the target: a machine that drifts between two long runs moves a round alike.
+        rounds = paired["rounds"]
+        full_rps = statistics.median(r["path_rps"] for r in rounds)
+        floor_rps = statistics.median(r["reference_rps"] for r in rounds)
+        ratio = paired["median_ratio"]
+        refused = sum(r["non_2xx"] for r in rounds)
+        paired_label = (
+            f", median of {len(rounds)} back-to-back rounds of {paired['duration_s']:g} s "
+            f"(shares {paired['min_ratio']:.1%}-{paired['max_ratio']:.1%})"
+        )
+    elif paired.get("rounds"):
+        refused = sum(r["non_2xx"] for r in paired["rounds"]) or refused
     miss = None
     if refused:
         # 429s (rate limits) or errors are answered fast and would inflate req/s: the figure does not count
@@ -63,7 +79,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     # The floor figures disagree with each other: its 11,900 req/s is what Debian's default proxy does here,
     # its 0.05 ms added is closer to the keep-alive proxy. The target is judged on the first; the second is shown.
-    floor_label = "nginx floor req/s (Debian's default proxy_pass)"
+    floor_label = f"nginx floor req/s (Debian's default proxy_pass){paired_label}"
     keepalive_rps = _get(scenarios, "throughput", "floor_keepalive", "requests_per_s")
     if full_rps and keepalive_rps:
         floor_label += f"; full is {full_rps / keepalive_rps:.1%} of the keep-alive proxy's {keepalive_rps:,.0f}"
@@ -435,6 +451,23 @@ def markdown(results: dict[str, Any]) -> str:
         lines += cpu_table(tp)
     else:
         lines.append(f"Error: {tp['error']}")
+    paired = s.get("throughput_paired", NOT_RUN)
+    if "error" not in paired:
+        lines += [
+            "",
+            f"The floor and the full path back to back, {paired['duration_s']:g} s each, the order swapped every round "
+            "(the throughput target's share is the median of these):",
+            "",
+            "| round | floor req/s | full req/s | full / floor | non-2xx |",
+            "|---|---|---|---|---|",
+        ]
+        for number, r in enumerate(paired["rounds"], 1):
+            share = "—" if r["ratio"] is None else f"{r['ratio']:.1%}"
+            lines.append(
+                f"| {number} | {_fmt(r['reference_rps'])} | {_fmt(r['path_rps'])} | {share} | {r['non_2xx']} |"
+            )
+    else:
+        lines.append(f"Paired rounds: {paired['error']}")
 
     slow = s.get("slow_upstream", NOT_RUN)
     lines += ["", "## Slow upstream", ""]

@@ -48,6 +48,9 @@ class Sizes:
     wrk_connections: int = 32
     wrk_duration: float = 15.0
     wrk_warmup: float = 3.0
+    # The floor and the full path back to back, this many times: the throughput target's share is their median.
+    paired_rounds: int = 5
+    paired_duration: float = 5.0
     profile_duration: float = 8.0
     scrapes: int = 50
     batch_items: int = 2000
@@ -78,6 +81,8 @@ SMOKE = Sizes(
     latency_warmup=3,
     wrk_duration=1.0,
     wrk_warmup=0.0,
+    paired_rounds=2,
+    paired_duration=1.0,
     profile_duration=1.0,
     scrapes=3,
     batch_items=5,
@@ -113,6 +118,7 @@ SCENARIOS = (
     "rss_idle",
     "latency",
     "throughput",
+    "throughput_paired",
     "profile",
     "metrics_scrape",
     "batch",
@@ -210,6 +216,7 @@ class Run:
             ),
         )
         self.scenario("throughput", lambda: self.throughput(self.overhead_targets(body)))
+        self.scenario("throughput_paired", lambda: self.throughput_paired(self.overhead_targets(body)))
         self.scenario("profile", lambda: self.profile(self.overhead_targets(body)[-1]))
         self.scenario("metrics_scrape", self.metrics_scrape)
         self.scenario("batch", lambda: self.batch(json.loads(body)))
@@ -246,6 +253,17 @@ class Run:
             )
             results[target.name] = result
         return results
+
+    def throughput_paired(self, targets: list[Target]) -> dict[str, Any]:
+        """The nginx floor and the full path back to back in rounds (see `measure.paired_throughput`)."""
+        by_name = {target.name: target for target in targets}
+        return measure.paired_throughput(
+            by_name["floor"],
+            by_name["full"],
+            rounds=self.sizes.paired_rounds,
+            connections=self.sizes.wrk_connections,
+            duration=self.sizes.paired_duration,
+        )
 
     def profile(self, full: Target) -> dict[str, Any]:
         """py-spy on one gateway worker and one llm worker while wrk loads the full path."""

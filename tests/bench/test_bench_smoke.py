@@ -20,7 +20,17 @@ RUN_TIMEOUT = 600
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SCENARIOS = ("rss_idle", "latency", "throughput", "profile", "metrics_scrape", "batch", "slow_upstream", "streams")
+SCENARIOS = (
+    "rss_idle",
+    "latency",
+    "throughput",
+    "throughput_paired",
+    "profile",
+    "metrics_scrape",
+    "batch",
+    "slow_upstream",
+    "streams",
+)
 TARGETS = ("full_added_p50", "full_throughput", "slow_upstream", "streams_held", "batch", "idle_rss")
 
 
@@ -77,6 +87,9 @@ def test_every_path_answered(smoke: tuple[Path, dict[str, Any]]) -> None:
         assert s["throughput"][path]["socket_errors"] == 0, path
     for path in ("floor", "llm", "full"):
         assert isinstance(s["latency"]["paths"][path]["added_p50_ms"], float), path
+    paired = s["throughput_paired"]
+    assert len(paired["rounds"]) == 2 and all(r["ratio"] > 0 for r in paired["rounds"])
+    assert paired["min_ratio"] <= paired["median_ratio"] <= paired["max_ratio"]
     # The full path's CPU is charged to both hops (and the llm path's to llm, not the gateway it skips).
     assert {"gateway", "llm"} <= set(s["throughput"]["full"]["cpu_us_per_request"])
     assert "llm" in s["throughput"]["llm"]["cpu_us_per_request"]

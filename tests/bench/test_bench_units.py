@@ -105,6 +105,30 @@ def test_refused_requests_void_the_throughput_target() -> None:
     assert "12 non-2xx" in verdict["missed_by"]
 
 
+def test_back_to_back_rounds_judge_the_throughput_target_by_their_median_share() -> None:
+    """The one long run of each path is shown; the target's share is the median of the paired rounds, so a machine
+    that sped up between the floor's run and the full path's does not decide it."""
+    rounds = [
+        {"reference_rps": 40000.0, "path_rps": 2000.0, "non_2xx": 0, "ratio": 0.05},
+        {"reference_rps": 30000.0, "path_rps": 2400.0, "non_2xx": 0, "ratio": 0.08},
+        {"reference_rps": 36000.0, "path_rps": 2160.0, "non_2xx": 0, "ratio": 0.06},
+    ]
+    results = results_with(
+        throughput={"full": {"requests_per_s": 2000.0, "non_2xx": 0}, "floor": {"requests_per_s": 60000.0}},
+        throughput_paired={
+            "rounds": rounds,
+            "duration_s": 5.0,
+            "median_ratio": 0.06,
+            "min_ratio": 0.05,
+            "max_ratio": 0.08,
+        },
+    )
+    verdict = next(t for t in report.evaluate(results) if t["id"] == "full_throughput")
+    assert verdict["ratio"] == 0.06 and verdict["measured"] == 2160.0 and verdict["reference"] == 36000.0
+    assert "median of 3 back-to-back rounds of 5 s (shares 5.0%-8.0%)" in verdict["reference_label"]
+    assert verdict["met"] is False
+
+
 def test_streams_count_as_held_only_when_all_are_open_at_once_and_none_failed() -> None:
     def verdict(peak: int, failed: int, added: float) -> dict[str, Any]:
         held = {"full": {"peak_open": peak, "failed": failed}, "direct": {}, "added_ttft_p99_ms": added}
