@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bench.run import SCENARIOS
 from parley_kit.testing import PostgresServer
 
 # Seconds on a quiet machine; minutes when other test runs share the two cores (the platform's start-up dominates).
@@ -20,17 +21,6 @@ RUN_TIMEOUT = 600
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SCENARIOS = (
-    "rss_idle",
-    "latency",
-    "throughput",
-    "throughput_paired",
-    "profile",
-    "metrics_scrape",
-    "batch",
-    "slow_upstream",
-    "streams",
-)
 TARGETS = ("full_added_p50", "full_throughput", "slow_upstream", "streams_held", "batch", "idle_rss")
 
 
