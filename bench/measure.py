@@ -204,19 +204,22 @@ def paired_throughput(
     reference: Target, path: Target, *, rounds: int, connections: int, duration: float
 ) -> dict[str, Any]:
     """wrk on the reference and the path back to back, `rounds` times, the order swapped each round: the path's share
-    of the reference per round (a machine that drifts between two runs moves both of a round alike), and the median.
-    A round in which either answered anything but 2xx has no share (fast refusals would inflate req/s)."""
+    of the reference per round (a machine that drifts between two runs moves both of a round alike), and the median
+    round (the lower of the middle two when even, so it is a round that ran). A round in which either answered
+    anything but 2xx, or lost a connection, has no share (fast refusals would inflate req/s)."""
     per_round = []
     for n in range(rounds):
         order = (reference, path) if n % 2 == 0 else (path, reference)
         runs = {target.name: run_wrk(target, connections=connections, duration=duration) for target in order}
         ref, got = runs[reference.name], runs[path.name]
-        clean = not (ref["non_2xx"] or got["non_2xx"]) and ref["requests_per_s"] and got["requests_per_s"] is not None
+        failed = ref["non_2xx"] + got["non_2xx"] + ref["socket_errors"] + got["socket_errors"]
+        clean = not failed and ref["requests_per_s"] and got["requests_per_s"] is not None
         per_round.append(
             {
                 "reference_rps": ref["requests_per_s"],
                 "path_rps": got["requests_per_s"],
                 "non_2xx": ref["non_2xx"] + got["non_2xx"],
+                "socket_errors": ref["socket_errors"] + got["socket_errors"],
                 "ratio": round(got["requests_per_s"] / ref["requests_per_s"], 4) if clean else None,
             }
         )
@@ -227,7 +230,7 @@ def paired_throughput(
         "connections": connections,
         "duration_s": duration,
         "rounds": per_round,
-        "median_ratio": round(statistics.median(ratios), 4) if len(ratios) == rounds else None,
+        "median_ratio": statistics.median_low(ratios) if len(ratios) == rounds else None,
         "min_ratio": min(ratios, default=None),
         "max_ratio": max(ratios, default=None),
     }

@@ -220,3 +220,23 @@ def test_valid_request_passes(client: FlaskClient) -> None:
 
 def test_path_parameter_validation_is_400(client: FlaskClient) -> None:
     assert_shape(client.get(f"/v1/items/{'x' * 65}"), ErrorShape.PROBLEM, 400)
+
+
+def _raised(url: str, statement: str) -> Exception:
+    from sqlalchemy import create_engine, text
+
+    try:
+        with create_engine(url).connect() as connection:
+            connection.execute(text(statement))
+    except Exception as exc:  # noqa: BLE001 - the error is what is looked at
+        return exc
+    raise AssertionError("no error")
+
+
+def test_only_a_database_that_cannot_serve_now_is_unavailable() -> None:
+    """Refused, locked or out of connections: an outage to retry (503). A statement the database rejects is a bug
+    (500, with its traceback logged), even when the driver files it under OperationalError (SQLite's "no such
+    table")."""
+    assert errors.database_unavailable(_raised("postgresql+psycopg://parley@127.0.0.1:1/parley", "SELECT 1"))
+    assert not errors.database_unavailable(_raised("sqlite://", "SELECT * FROM no_such_table"))
+    assert not errors.database_unavailable(RuntimeError("not a database error"))

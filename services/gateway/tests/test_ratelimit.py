@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from parley_gateway import GatewaySettings, create_app
+from parley_gateway import GatewaySettings, create_app, ratelimit
 from parley_gateway.ratelimit import (
     LEASE_SHARE,
     DefaultLimits,
@@ -22,7 +23,7 @@ from parley_gateway.ratelimit import (
     UsageMeter,
     duration,
 )
-from parley_kit.errors import RateLimited
+from parley_kit.errors import RateLimited, ServiceUnavailable
 from parley_kit.testing import TokenMint, eventually, free_port
 
 CHAT = "/v1/chat/completions"
@@ -437,8 +438,17 @@ def test_a_redis_that_forgot_the_script_gets_it_again_and_counts_the_check_once(
         limiter.close()
 
 
-def evalsha_calls(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+def count_round_trips(limiter: RedisRateLimiter) -> list[int]:
+    """Record the number of requests each of this limiter's EVALSHA checks carried."""
+    trips: list[int] = []
+    check = limiter._check
+
+    def counted(keys: list[str], args: list[int | str]) -> list[int]:
+        trips.append(int(args[2]))
+        return check(keys, args)
+
+    limiter._check = counted  # type: ignore[method-assign]
+    return trips
 
 
 def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: str, redis_prefix: str) -> None:
@@ -447,11 +457,11 @@ def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: st
     window holds exactly the requests admitted."""
     prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
     first, second = (RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed") for _ in range(2))
+    first_trips, second_trips = count_round_trips(first), count_round_trips(second)
     client = redis.Redis.from_url(redis_url)
     rpm = 20 * LEASE_SHARE
     scopes = (Scope("key", "leased", rpm, 0),)
     try:
-        calls_before = evalsha_calls(client)
         admitted = refused = 0
         for n in range(rpm + 200):
             try:
@@ -459,7 +469,7 @@ def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: st
                 admitted += 1
             except RateLimited:
                 refused += 1  # each one asked Redis
-        round_trips = evalsha_calls(client) - calls_before
+        round_trips = len(first_trips) + len(second_trips)
         assert admitted <= rpm
         assert admitted >= rpm - 2 * (rpm // LEASE_SHARE)  # at most a lease's worth held back by each process
         assert round_trips - refused < admitted / 8
@@ -471,12 +481,14 @@ def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: st
 
 
 def test_a_lease_counts_each_request_in_its_headers_and_gives_back_what_it_did_not_use(
-    redis_url: str, redis_prefix: str
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Eight requests in a row grow leases of 1, 2, 4 and 8 admissions: the headers still count one request each,
-    and when the last lease ends its seven unused admissions leave the window."""
+    """Eight requests in a row grow leases of 1, 2, 4 and 8 admissions (leases that last, however slow the machine):
+    the headers still count one request each, and once the last lease ends its seven unused admissions leave the
+    window."""
+    monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 60.0)
     prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
-    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=0.01)
+    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=3600)
     client = redis.Redis.from_url(redis_url)
     key = f"{prefix}ratelimit:key:growing:req"
     scopes = (Scope("key", "growing", 1000, 0),)
@@ -484,8 +496,77 @@ def test_a_lease_counts_each_request_in_its_headers_and_gives_back_what_it_did_n
         remaining = [int(dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"]) for _ in range(8)]
         assert remaining == list(range(999, 991, -1))
         assert client.zcard(key) == 1 + 2 + 4 + 8  # reserved as leased
-        eventually(lambda: client.zcard(key) == 8, 5, 0.01)
+        limiter.flush()
+        assert client.zcard(key) == 15  # the lease has not ended: nothing is given back yet
+        limiter.flush(every_lease=True)
+        assert client.zcard(key) == 8
     finally:
         client.close()
         limiter.close()
-    assert client.zcard(key) == 8
+
+
+def test_concurrent_requests_ask_for_one_lease_at_a_time(redis_url: str, redis_prefix: str) -> None:
+    """Thirty-two threads on one key: only one check at a time asks for a lease (the others count only themselves),
+    so concurrency never multiplies what a process holds; every admission is a real one once leases end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed")
+    client = redis.Redis.from_url(redis_url)
+    scopes = (Scope("key", "concurrent", 20 * LEASE_SHARE, 0),)
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    checks = limiter._checks
+
+    def watched(item: tuple[tuple[Scope, ...], str, int]) -> list[int]:
+        leasing = item[2] > 1
+        with lock:
+            in_flight[0] += leasing
+            most[0] = max(most[0], in_flight[0])
+        try:
+            return checks(item)
+        finally:
+            with lock:
+                in_flight[0] -= leasing
+
+    limiter._checks = watched  # type: ignore[assignment]
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            admitted = sum(1 for _ in pool.map(lambda _: limiter.admit(scopes), range(600)))
+        assert most[0] == 1
+        limiter.close()
+        assert client.zcard(f"{prefix}ratelimit:key:concurrent:req") == admitted == 600
+    finally:
+        client.close()
+
+
+def test_a_lease_check_whose_answer_is_lost_gives_back_what_redis_granted(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs a lease check and grants it, but the answer never arrives (a timeout): the request is refused (503,
+    closed mode), and the admissions Redis counted for it leave the window with the next settlement Redis takes."""
+    monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 60.0)
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=0.01)
+    client = redis.Redis.from_url(redis_url)
+    key = f"{prefix}ratelimit:key:lost:req"
+    scopes = (Scope("key", "lost", 1000, 0),)
+    try:
+        for _ in range(7):
+            limiter.admit(scopes)  # leases of 1, 2 and 4, all used: the next check asks for 8
+        assert client.zcard(key) == 7
+        check = limiter._check
+
+        def answer_lost(keys: list[str], args: list[int | str]) -> list[int]:
+            check(keys, args)
+            raise redis.TimeoutError("the answer never came")
+
+        limiter._check = answer_lost  # type: ignore[method-assign]
+        with pytest.raises(ServiceUnavailable):
+            limiter.admit(scopes)
+        limiter._check = check  # type: ignore[method-assign]
+        assert client.zcard(key) == 7 + 8  # Redis counted the lease it granted
+        eventually(lambda: client.zcard(key) == 7, 5, 0.02)  # given back once Redis is asked again (after 1 s)
+    finally:
+        limiter.close()
+        client.close()

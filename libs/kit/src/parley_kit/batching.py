@@ -33,10 +33,11 @@ class GroupCommit(Generic[T]):
     """Coalesces `add`s into calls of `write(batch)`; safe across threads and gevent greenlets.
 
     `linger` (seconds) applies under gevent only: the write then runs in a detached greenlet (`parley_kit.background`,
-    drained at worker exit) that first waits `linger`, so no caller is held up by it. Without gevent a lingering
-    writer would hold up its caller, so it writes at once. A detached writer keeps a batch whose write failed with an
-    error `retry_while` accepts, and writes it again after a pause (so `write` must be safe to repeat); meanwhile at
-    most `max_pending` items wait, and what comes past that is dropped and logged.
+    drained at worker exit) that first waits `linger`, so no caller waits for the write (only, as any detached work,
+    for a free slot). Without gevent a lingering writer would hold up its caller, so it writes at once. A detached
+    writer keeps a batch whose write failed with an error `retry_while` accepts, and writes it again after a pause (so
+    `write` must be safe to repeat); meanwhile at most `max_pending` items wait, and what comes past that is dropped
+    and logged.
     """
 
     def __init__(
@@ -80,7 +81,12 @@ class GroupCommit(Generic[T]):
                 )
             return
         if self._linger and background.under_gevent():
-            background.run_detached(self._write_after_linger)
+            try:
+                background.run_detached(self._write_after_linger)
+            except BaseException:  # killed while waiting for a slot: the next caller becomes the writer
+                with self._lock:
+                    self._writing = False
+                raise
         else:
             self._write_pending()
 
@@ -104,7 +110,7 @@ class GroupCommit(Generic[T]):
                 pause = RETRY_FIRST_SECONDS
                 self._report_dropped()
             except Exception as exc:
-                if detached and self._retry_while is not None and self._retry_while(exc):
+                if detached and self._keeps(exc):
                     with self._lock:
                         self._pending[:0] = batch  # first in line again, as it was
                     log.warning(
@@ -120,6 +126,16 @@ class GroupCommit(Generic[T]):
                 with self._lock:
                     self._writing = False
                 raise
+
+    def _keeps(self, exc: Exception) -> bool:
+        """Whether a batch that failed with `exc` is kept for another try (`retry_while`; False if it fails)."""
+        if self._retry_while is None:
+            return False
+        try:
+            return self._retry_while(exc)
+        except Exception:
+            log.exception("could not tell whether a batched write may be tried again", extra={"batch.name": self._name})
+            return False
 
     def _pause(self, seconds: float) -> None:
         """Wait (lingering, or before writing a kept batch again); killed meanwhile, the next caller writes."""

@@ -264,9 +264,29 @@ def database_connection_lost(error: BaseException) -> bool:
     )
 
 
+# PostgreSQL states that mean the database cannot serve anyone right now: connection exceptions (class 08), a server
+# shutting down or starting up (57P01-57P03), and no connection slot left (53300).
+_UNAVAILABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+# SQLite's equivalents: another writer holds the file, or the file cannot be opened.
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file")
+
+
 def database_unavailable(error: BaseException) -> bool:
-    """Whether the database could not serve the request now: it dropped the connection (above), or could not be
-    reached or could not run the statement (an OperationalError: refused, restarting, out of connections, a statement
-    timeout). A 503 to retry, not a 500 that reads as our bug."""
+    """Whether the database could not serve the request now: it dropped the connection (above), could not be reached
+    (an OperationalError with no server state: refused, reset), answered that it is shutting down, starting or out of
+    connections, or the pool had no connection to lend in time. A 503 to retry, not a 500 that reads as our bug; any
+    other OperationalError (a statement the server rejects, SQLite's "no such table") stays one."""
     exc = _database_errors()
-    return exc is not None and (isinstance(error, exc.OperationalError) or database_connection_lost(error))
+    if exc is None:
+        return False
+    if database_connection_lost(error) or isinstance(error, exc.TimeoutError):
+        return True
+    if not isinstance(error, exc.OperationalError):
+        return False
+    original = error.orig
+    state = getattr(original, "sqlstate", None)
+    if state:
+        return str(state).startswith(_UNAVAILABLE_STATES)
+    if type(original).__module__ == "sqlite3":
+        return str(original).startswith(_SQLITE_UNAVAILABLE)
+    return True

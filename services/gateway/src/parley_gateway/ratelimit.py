@@ -17,8 +17,12 @@ admission at once (doubling while it uses them up within `LEASE_SECONDS`, at mos
 request limit) and admits the next requests from the lease without a round trip. The lease's admissions are counted in
 Redis when granted, scored at the end of the lease so none leaves the window early: a limit is never exceeded, and one
 process's unused admissions are given back (ZREM) with the next settlement after its lease ends. A request limit under
-2 x `LEASE_SHARE` never leases: each request is checked as it comes. A lease admits without looking at the token
-count again, so a token limit sees usage up to `LEASE_SECONDS` + `settle_interval` late.
+2 x `LEASE_SHARE` (or a scope with no request limit) never leases: each request is checked as it comes. A lease
+admits without looking at the token count again, so a token limit sees usage up to `LEASE_SECONDS` +
+`settle_interval` late. A lease's headers count this process's admissions only, and a 429 answered while another
+process holds unused admissions tells the client to retry when the oldest admission leaves the window, though room
+may come back within `LEASE_SECONDS` + `settle_interval`. A lease check whose answer is lost (a timeout, a reset)
+gives back whatever it may have been granted, as an unused lease does.
 """
 
 from __future__ import annotations
@@ -48,11 +52,13 @@ from .metrics import RATELIMIT_DECISIONS, RATELIMIT_DEGRADED
 log = logging.getLogger(__name__)
 
 WINDOW_MS = 60_000
-# A lease lasts this long, and holds at most 1/LEASE_SHARE of any of its request limits (never more than LEASE_MAX).
+# A lease lasts this long, and holds at most 1/LEASE_SHARE of any of its request limits (never more than LEASE_MAX:
+# the script passes two values per admission to one ZADD, and Lua's unpack takes ~8,000).
 LEASE_SECONDS = 0.1
 LEASE_SHARE = 50
 LEASE_MAX = 1000
 LEASE_FORGET_SECONDS = 1.0  # an ended lease is forgotten after this long without a new one
+MAX_UNUSED = 100_000  # lease admissions waiting to be given back (Redis away); past it they age out of the window
 # After a Redis failure, requests skip Redis for this long (a black-holed Redis must not cost each request a timeout).
 REDIS_RETRY_AFTER = 1.0
 
@@ -61,7 +67,8 @@ REDIS_RETRY_AFTER = 1.0
 # ARGV: window (ms), lease hold (ms), the number of requests, then per request: a unique member, its number of scopes,
 # the admissions it asks for (1, or more for a lease), and per scope rpm, tpm (0 = off).
 # An admitted request is granted as many admissions as it asked for and every request limit has room for (at least
-# its own): each is a member of the request logs, scored at the end of the lease's hold when it is more than one.
+# its own). One asked for alone is the member itself, scored now; a lease's are `member:1` … `member:granted`, scored
+# at the end of the lease's hold.
 # Returns, per request: limited, kind (1 requests, 2 tokens), retry_ms, token_reset_ms, granted, then per scope:
 # used_req, reset_req_ms, used_tok.
 CHECK_SCRIPT = """
@@ -111,20 +118,18 @@ for _ = 1, tonumber(ARGV[3]) do
       local rpm = tonumber(ARGV[a + 2 * i - 2])
       if rpm > 0 then granted = math.min(granted, rpm - out[3 * i - 2]) end
     end
-    local score = now
-    if granted > 1 then score = now + hold end
     for i = 1, scopes do
       if tonumber(ARGV[a + 2 * i - 2]) > 0 then
         local log_key = KEYS[k + 2 * i - 1]
-        if granted == 1 then
-          redis.call('ZADD', log_key, score, member)
+        if want == 1 then
+          redis.call('ZADD', log_key, now, member)
         else
-          local pairs = {}
+          local admissions = {}
           for j = 1, granted do
-            pairs[#pairs + 1] = score
-            pairs[#pairs + 1] = member .. ':' .. j
+            admissions[#admissions + 1] = now + hold
+            admissions[#admissions + 1] = member .. ':' .. j
           end
-          redis.call('ZADD', log_key, unpack(pairs))
+          redis.call('ZADD', log_key, unpack(admissions))
         end
         redis.call('PEXPIRE', log_key, window + hold)
       end
@@ -312,7 +317,7 @@ class Lease:
         usage: list[tuple[int, float, int]],
         token_reset_ms: float,
     ) -> None:
-        self.member = member  # the members in Redis are `member:1` … `member:granted`
+        self.member = member  # its admissions in Redis are `member:1` … `member:granted`
         self.granted = granted
         self.used = 1  # the request that asked for it took the first
         self.left = granted - 1  # zero once used up or given back
@@ -349,8 +354,15 @@ class Lease:
 
 
 def lease_cap(scopes: tuple[Scope, ...]) -> int:
-    """The most admissions one lease may hold for these scopes (1: no lease)."""
-    return min([LEASE_MAX, *(max(1, scope.rpm // LEASE_SHARE) for scope in scopes if scope.rpm)])
+    """The most admissions one lease may hold for these scopes (1: no lease; so without any request limit, as a
+    lease of tokens alone would reserve nothing and only skip the token check)."""
+    shares = [max(1, scope.rpm // LEASE_SHARE) for scope in scopes if scope.rpm]
+    return min([LEASE_MAX, *shares]) if shares else 1
+
+
+def _members(member: str, first: int, last: int) -> list[str]:
+    """A lease's admissions `member:first` … `member:last` in the request logs."""
+    return [f"{member}:{n}" for n in range(first, last + 1)]
 
 
 class RedisRateLimiter:
@@ -425,10 +437,16 @@ class RedisRateLimiter:
             member = uuid.uuid4().hex
             try:
                 result = self._checks((scopes, member, want))
-            except redis.RedisError as exc:
-                return self._failed(exc)
+            except BaseException as exc:
+                if want > 1:  # Redis may have granted the lease before its answer was lost: give all of it back
+                    self._give_back_members(scopes, _members(member, 1, want))
+                if isinstance(exc, redis.RedisError):
+                    return self._failed(exc)
+                raise
             self._recovered()
             limited, kind, retry_ms, token_reset_ms, granted = result[:5]
+            if want > max(granted, 1):  # asked for more than the limits had room for (or an earlier run granted more)
+                self._give_back_members(scopes, _members(member, max(granted, 1) + 1, want))
             usage = [(result[i], float(result[i + 1]), result[i + 2]) for i in range(5, len(result), 3)]
             decision = decide(
                 scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
@@ -510,15 +528,27 @@ class RedisRateLimiter:
 
     def _give_back(self, scopes: tuple[Scope, ...], lease: Lease) -> None:
         """Queue a lease's unused admissions for removal from the request logs (under the limiter's lock)."""
-        members = [f"{lease.member}:{n}" for n in range(1, lease.left + 1)]  # all scored alike: which ones is moot
+        members = _members(lease.member, 1, lease.left)  # all scored alike: which ones is moot
         lease.left = 0
+        self._queue_unused(scopes, members)
+
+    def _give_back_members(self, scopes: tuple[Scope, ...], members: list[str]) -> None:
+        """Queue admissions of a check that were not used, whether or not Redis holds them (removing none is moot)."""
+        with self._lock:
+            self._queue_unused(scopes, members)
+        self._start_settler()
+
+    def _queue_unused(self, scopes: tuple[Scope, ...], members: list[str]) -> None:
+        if sum(len(queued) for queued in self._unused.values()) >= MAX_UNUSED:
+            return  # Redis has been away long: these leave the window by themselves within a minute
         for scope in scopes:
             if scope.rpm:
                 self._unused.setdefault(self._key(scope, "req"), []).extend(members)
 
     def flush(self, *, every_lease: bool = False) -> None:
-        """Write every unsettled count and give back the unused admissions of ended leases (all leases when
-        `every_lease`), in one round trip; a failure is logged (the answers have already gone out)."""
+        """Write every unsettled count, then give back the unused admissions of ended leases (all leases when
+        `every_lease`); a failure is logged (the answers have already gone out), and admissions not given back are
+        kept for the next flush."""
         now = time.monotonic()
         with self._lock:
             for scopes, lease in list(self._leases.items()):
@@ -529,21 +559,33 @@ class RedisRateLimiter:
                         del self._leases[scopes]
             batch, self._unsettled = self._unsettled, {}
             unused, self._unused = self._unused, {}
-        if not (batch or unused) or self._skip_until > time.monotonic():
+        if not (batch or unused):
             return
-        try:
-            if batch:
+        if self._skip_until > time.monotonic():
+            self._keep_unused(unused)
+            return
+        if batch:
+            try:
                 self._settle(keys=list(batch), args=[WINDOW_MS, *batch.values()])
-            if unused:
+            except redis.RedisError as exc:
+                log.warning("could not settle tokens in Redis", extra={"error.type": type(exc).__name__})
+        if unused:
+            try:
                 with self._redis.pipeline(transaction=False) as pipe:
                     for key, members in unused.items():
                         pipe.zrem(key, *members)
                     pipe.execute()
-        except redis.RedisError as exc:
-            log.warning(
-                "could not settle tokens or give back leased admissions in Redis",
-                extra={"error.type": type(exc).__name__},
-            )
+            except redis.RedisError as exc:
+                log.warning("could not give back leased admissions in Redis", extra={"error.type": type(exc).__name__})
+                self._keep_unused(unused)
+
+    def _keep_unused(self, unused: dict[str, list[str]]) -> None:
+        """Put admissions that could not be given back in front of the queue again (within MAX_UNUSED)."""
+        with self._lock:
+            for key, members in unused.items():
+                if sum(len(queued) for queued in self._unused.values()) + len(members) > MAX_UNUSED:
+                    return
+                self._unused.setdefault(key, [])[:0] = members
 
     def close(self) -> None:
         """Write what is unsettled, give back every lease's unused admissions, stop the settler and close the checks'

@@ -74,8 +74,8 @@ class Ledger:
         self.price_version = price_version
         self.directory = budgets.BudgetDirectory(engine, budget_cache_seconds)
         self.default_max_tokens = default_max_tokens
-        # Rows of calls answered while the database is away are kept and written once it is back (their call ids make a
-        # repeated write after an ambiguous commit write nothing).
+        # Under gevent (llm's workers), rows of calls answered while the database is away are kept and written once it
+        # is back (their call ids make a repeated write after an ambiguous commit write nothing).
         self._rows: GroupCommit[dict[str, Any]] = GroupCommit(
             self._write_rows, name="usage", linger=USAGE_LINGER, retry_while=database_unavailable
         )

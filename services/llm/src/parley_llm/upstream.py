@@ -42,16 +42,19 @@ _BY_STATUS: dict[int, type[ParleyError]] = {404: NotFound, 409: Conflict, 413: P
 
 # Stands for the API key when the SDKs are asked for their headers; the real key replaces it in this process.
 SDK_KEY_PLACEHOLDER = "parley-sdk-key-placeholder"
-SDK_HEADERS_TIMEOUT = 120.0
+# Well inside gunicorn's worker timeout (30 s): a worker still booting past it is killed before this error is told.
+SDK_HEADERS_TIMEOUT = 20.0
 
 
 @functools.cache
 def _sdk_headers_with_placeholder() -> dict[str, dict[str, str]]:
     """Each SDK's headers (its auth, version and identification headers), read once per process from a throwaway
-    interpreter: importing the SDKs here would keep ~55 MB in every worker for a few header lines."""
+    interpreter: importing the SDKs here would keep ~55 MB in every worker for a few header lines (the interpreter
+    costs each worker start ~1 s of CPU instead). It finds the SDKs where this one does (same environment and
+    PYTHONPATH); `-P` keeps the script's own folder, llm's modules, off its import path."""
     script = Path(__file__).with_name("sdk_headers.py")
     done = subprocess.run(
-        [sys.executable, "-I", str(script), SDK_KEY_PLACEHOLDER],
+        [sys.executable, "-P", str(script), SDK_KEY_PLACEHOLDER],
         capture_output=True,
         timeout=SDK_HEADERS_TIMEOUT,
         check=False,
