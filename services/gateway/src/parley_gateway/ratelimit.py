@@ -444,9 +444,7 @@ class RedisRateLimiter:
                     return self._failed(exc)
                 raise
             self._recovered()
-            limited, kind, retry_ms, token_reset_ms, granted = result[:5]
-            if want > max(granted, 1):  # asked for more than the limits had room for (or an earlier run granted more)
-                self._give_back_members(scopes, _members(member, max(granted, 1) + 1, want))
+            limited, kind, retry_ms, token_reset_ms, granted = result[:5]  # Redis added `granted`, no more
             usage = [(result[i], float(result[i + 1]), result[i + 2]) for i in range(5, len(result), 3)]
             decision = decide(
                 scopes, limited=bool(limited), kind=kind, retry_ms=retry_ms, token_reset_ms=token_reset_ms, usage=usage
