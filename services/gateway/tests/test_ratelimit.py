@@ -480,6 +480,22 @@ def test_a_large_limit_is_leased_yet_two_processes_never_exceed_it(redis_url: st
         client.close()
 
 
+def leasing_key(
+    redis_url: str, redis_prefix: str, *, settle_interval: float
+) -> tuple[RedisRateLimiter, redis.Redis, str, tuple[Scope, ...]]:
+    """A limiter of its own, a Redis client, and a key whose 1,000 rpm is large enough to lease (its request log)."""
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(
+        redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=settle_interval
+    )
+    return (
+        limiter,
+        redis.Redis.from_url(redis_url),
+        f"{prefix}ratelimit:key:leasing:req",
+        (Scope("key", "leasing", 1000, 0),),
+    )
+
+
 def test_a_lease_counts_each_request_in_its_headers_and_gives_back_what_it_did_not_use(
     redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -487,11 +503,7 @@ def test_a_lease_counts_each_request_in_its_headers_and_gives_back_what_it_did_n
     the headers still count one request each, and once the last lease ends its seven unused admissions leave the
     window."""
     monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 60.0)
-    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
-    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=3600)
-    client = redis.Redis.from_url(redis_url)
-    key = f"{prefix}ratelimit:key:growing:req"
-    scopes = (Scope("key", "growing", 1000, 0),)
+    limiter, client, key, scopes = leasing_key(redis_url, redis_prefix, settle_interval=3600)
     try:
         remaining = [int(dict(limiter.admit(scopes).headers)["x-ratelimit-remaining-requests"]) for _ in range(8)]
         assert remaining == list(range(999, 991, -1))
@@ -546,11 +558,7 @@ def test_a_lease_check_whose_answer_is_lost_gives_back_what_redis_granted(
     """Redis runs a lease check and grants it, but the answer never arrives (a timeout): the request is refused (503,
     closed mode), and the admissions Redis counted for it leave the window with the next settlement Redis takes."""
     monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 60.0)
-    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
-    limiter = RedisRateLimiter(redis_url, prefix=prefix, timeout=1.0, failure_mode="closed", settle_interval=0.01)
-    client = redis.Redis.from_url(redis_url)
-    key = f"{prefix}ratelimit:key:lost:req"
-    scopes = (Scope("key", "lost", 1000, 0),)
+    limiter, client, key, scopes = leasing_key(redis_url, redis_prefix, settle_interval=0.01)
     try:
         for _ in range(7):
             limiter.admit(scopes)  # leases of 1, 2 and 4, all used: the next check asks for 8
