@@ -64,22 +64,18 @@ class GroupCommit(Generic[T]):
     def add(self, item: T) -> None:
         """Queue `item`; write it (and whatever queues meanwhile) unless another caller is already writing."""
         with self._lock:
-            full = len(self._pending) >= self._max_pending
-            if full:
+            if len(self._pending) >= self._max_pending:
                 self._dropped += 1
-                first_dropped = self._dropped == 1
-            else:
-                self._pending.append(item)
-                if self._writing:
-                    return
-                self._writing = True
-        if full:
-            if first_dropped:
-                log.error(
-                    "a batched write's backlog is full: items are dropped until it drains",
-                    extra={"batch.name": self._name, "batch.size": self._max_pending},
-                )
-            return
+                if self._dropped == 1:  # once per episode: the writer tells how many when it drains
+                    log.error(
+                        "a batched write's backlog is full: items are dropped until it drains",
+                        extra={"batch.name": self._name, "batch.size": self._max_pending},
+                    )
+                return
+            self._pending.append(item)
+            if self._writing:
+                return
+            self._writing = True
         if self._linger and background.under_gevent():
             try:
                 background.run_detached(self._write_after_linger)

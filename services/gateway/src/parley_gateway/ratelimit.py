@@ -346,11 +346,11 @@ class Lease:
             usage=usage,
         )
 
-    def next_size(self, scopes: tuple[Scope, ...], now: float) -> int:
+    def next_size(self, now: float, cap: int) -> int:
         """How many admissions to ask for next: twice this lease if it was used up before it ended, else as many as
         it served; within the scopes' cap."""
         wanted = 2 * self.granted if self.used >= self.granted and now < self.expires else self.used
-        return max(1, min(wanted, lease_cap(scopes)))
+        return max(1, min(wanted, cap))
 
 
 def lease_cap(scopes: tuple[Scope, ...]) -> int:
@@ -409,6 +409,7 @@ class RedisRateLimiter:
         self._leases: dict[tuple[Scope, ...], Lease] = {}
         self._leasing: set[tuple[Scope, ...]] = set()  # scopes whose next lease is being asked for
         self._unused: dict[str, list[str]] = {}  # request log key -> lease members to give back
+        self._unused_count = 0  # members in `_unused`, all keys together (bounded by MAX_UNUSED)
         self._lock = threading.Lock()
         self._settler_pid = 0  # the process whose settler thread runs (a forked worker starts its own)
         self._closed = threading.Event()
@@ -427,13 +428,14 @@ class RedisRateLimiter:
             lease = self._leases.get(scopes)
             if lease is not None and lease.left > 0 and now < lease.expires:
                 return lease.take(scopes, now)
-            if lease_cap(scopes) > 1 and scopes not in self._leasing:
+            cap = lease_cap(scopes)
+            if cap > 1 and scopes not in self._leasing:
                 leasing = True
                 self._leasing.add(scopes)
         try:
             if self._skip_until > now:
                 return self._unavailable()
-            want = lease.next_size(scopes, now) if leasing and lease is not None else 1
+            want = lease.next_size(now, cap) if leasing and lease is not None else 1
             member = uuid.uuid4().hex
             try:
                 result = self._checks((scopes, member, want))
@@ -537,11 +539,12 @@ class RedisRateLimiter:
         self._start_settler()
 
     def _queue_unused(self, scopes: tuple[Scope, ...], members: list[str]) -> None:
-        if sum(len(queued) for queued in self._unused.values()) >= MAX_UNUSED:
+        if self._unused_count >= MAX_UNUSED:
             return  # Redis has been away long: these leave the window by themselves within a minute
         for scope in scopes:
             if scope.rpm:
                 self._unused.setdefault(self._key(scope, "req"), []).extend(members)
+                self._unused_count += len(members)
 
     def flush(self, *, every_lease: bool = False) -> None:
         """Write every unsettled count, then give back the unused admissions of ended leases (all leases when
@@ -556,7 +559,7 @@ class RedisRateLimiter:
                     if every_lease or now >= lease.expires + LEASE_FORGET_SECONDS:  # kept a while to size the next
                         del self._leases[scopes]
             batch, self._unsettled = self._unsettled, {}
-            unused, self._unused = self._unused, {}
+            unused, self._unused, self._unused_count = self._unused, {}, 0
         if not (batch or unused):
             return
         if self._skip_until > time.monotonic():
@@ -581,9 +584,10 @@ class RedisRateLimiter:
         """Put admissions that could not be given back in front of the queue again (within MAX_UNUSED)."""
         with self._lock:
             for key, members in unused.items():
-                if sum(len(queued) for queued in self._unused.values()) + len(members) > MAX_UNUSED:
+                if self._unused_count + len(members) > MAX_UNUSED:
                     return
                 self._unused.setdefault(key, [])[:0] = members
+                self._unused_count += len(members)
 
     def close(self) -> None:
         """Write what is unsettled, give back every lease's unused admissions, stop the settler and close the checks'
