@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -11,7 +9,7 @@ import orjson
 from flask.testing import FlaskClient
 
 from parley_gateway import GatewaySettings, create_app
-from parley_kit.testing import TokenMint, free_port
+from parley_kit.testing import TokenMint, free_port, modules_loaded
 
 CHAT = "/v1/chat/completions"
 
@@ -151,9 +149,4 @@ def test_unknown_route_is_404_problem_json(client: FlaskClient) -> None:
 def test_the_gateway_never_loads_a_database_library() -> None:
     """The gateway owns no database: a worker that loaded SQLAlchemy anyway (the kit's error handlers once did)
     carried ~11 MB more for nothing."""
-    probe = (
-        "import sys, parley_gateway; parley_gateway.create_app(); "
-        "print(sorted(m for m in ('sqlalchemy', 'psycopg') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert done.stdout.splitlines()[-1] == "[]"  # after the log lines
+    assert modules_loaded("import parley_gateway; parley_gateway.create_app()", ("sqlalchemy", "psycopg")) == []

@@ -6,8 +6,6 @@ auth calls (token caching) and seeing the headers the worker sends to llm (`Auth
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,7 +32,7 @@ from parley_kit.db import Database
 from parley_kit.errors import ServiceUnavailable, UpstreamError
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
-from parley_kit.testing import ServiceProcess, free_port, python_module
+from parley_kit.testing import ServiceProcess, free_port, modules_loaded, python_module
 from parley_platform import start_service
 
 from .conftest import chat_line, jsonl
@@ -458,9 +456,4 @@ def test_the_worker_process_runs_a_batch_end_to_end(
 def test_the_worker_never_loads_the_web_stack() -> None:
     """The batch worker serves no HTTP: Flask, its OpenAPI extension and the token verifier's JWT library (~20 MB of
     every worker process) are the web app's alone."""
-    probe = (
-        "import sys, parley_jobs.worker; "
-        "print(sorted(m for m in ('flask', 'werkzeug', 'flask_openapi3', 'jwt') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert done.stdout.splitlines()[-1] == "[]"
+    assert modules_loaded("import parley_jobs.worker", ("flask", "werkzeug", "flask_openapi3", "jwt")) == []

@@ -4,15 +4,13 @@ a provider can fail as the error a client sees (and the retry loop reads), and t
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from parley_kit.errors import BadRequest, GatewayTimeout, ParleyError, RateLimited, UpstreamError
-from parley_kit.testing import CHAT_ANSWER, free_port, read_http_request, send_json
+from parley_kit.testing import CHAT_ANSWER, free_port, modules_loaded, read_http_request, send_json
 from parley_llm.catalog import Provider
 from parley_llm.routing import retryable
 from parley_llm.settings import LlmSettings
@@ -62,14 +60,9 @@ def test_calls_carry_each_sdks_headers_on_one_keep_alive_connection(serve) -> No
 def test_the_sdks_headers_are_read_without_loading_the_sdks(tmp_path: Path) -> None:
     """A worker asks the SDKs for their headers in a throwaway interpreter: loading them itself cost ~55 MB of every
     llm worker's memory. The headers are still each SDK's own, with this process's keys (the test above)."""
-    probe = (
-        "import sys, parley_llm; parley_llm.create_app(); "
-        "print(sorted(m for m in ('openai', 'anthropic', 'httpx') if m in sys.modules))"
-    )
     env = {"LLM_DATABASE_URL": f"sqlite:///{tmp_path / 'llm.db'}", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1] == "[]"  # after the log lines
+    loaded = modules_loaded("import parley_llm; parley_llm.create_app()", ("openai", "anthropic", "httpx"), env)
+    assert loaded == []
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,12 @@ Every run gets fresh databases, a fresh AMQP name prefix and a fresh Redis key p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -209,6 +212,16 @@ def read_http_request(connection: socket.socket) -> bytes:
     while len(body) < length:
         body += connection.recv(65536)
     return head
+
+
+def modules_loaded(code: str, modules: tuple[str, ...], env: dict[str, str] | None = None) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after running `code`: what a process of a service pays for in
+    memory (a module a service never uses should not be among them)."""
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded: list[str] = json.loads(done.stdout.splitlines()[-1])  # the last line: log lines may come before it
+    return loaded
 
 
 def eventually(condition: Any, seconds: float = 30.0, step: float = 0.1) -> bool:
