@@ -18,7 +18,7 @@ import redis
 import requests
 
 from bench.measure import process_stats
-from parley_kit.processes import ServiceProcess, free_port
+from parley_kit.processes import ServiceProcess, free_ports
 from parley_kit.testing import PostgresServer
 from parley_platform import Platform, PlatformConfig, delete_broker_names
 
@@ -133,7 +133,8 @@ class Stack:
         self.amqp_prefix = f"parley-bench-{self.run_id}"
         self.redis_prefix = f"parley-bench-{self.run_id}:"
         self.postgres = PostgresServer(backing.postgres_url)
-        self.ports = {name: free_port() for name in (*SERVICES, "static", "floor", "floor_keepalive")}
+        names = (*SERVICES, "static", "floor", "floor_keepalive")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.secrets = {name: secrets.token_urlsafe(32) for name in ("gateway", "jobs", "pepper", "provider")}
         self.extra_env = {
             name: {**BENCH_ENV.get(name, {}), **(extra_env or {}).get(name, {})}

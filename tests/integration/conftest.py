@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from parley_kit.testing import LoopbackServer, PostgresServer, free_port
+from parley_kit.testing import LoopbackServer, PostgresServer, free_ports
 from parley_platform import Platform, PlatformConfig, delete_broker_names
 
 
@@ -121,7 +121,8 @@ def platform(
     # Every process ships its ECS records to this collector, as they would to Logstash (tests/integration/
     # test_observability.py reads them); the worker serves its metrics on a port of its own.
     logs = LogCollector()
-    worker_metrics_port = free_port()
+    names = ("gateway", "auth", "llm", "jobs", "fakeprovider")
+    *service_ports, worker_metrics_port = free_ports(len(names) + 1)
     config = PlatformConfig(
         run_dir=run_dir,
         environment="test",
@@ -131,7 +132,7 @@ def platform(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         secrets={name: secrets.token_urlsafe(32) for name in ("gateway", "jobs", "pepper", "provider")},
-        ports={name: free_port() for name in ("gateway", "auth", "llm", "jobs", "fakeprovider")},
+        ports=dict(zip(names, service_ports, strict=True)),
         logstash=("127.0.0.1", logs.port),
         extra_env={"jobs-worker": {"JOBS_WORKER_METRICS_PORT": str(worker_metrics_port)}},
     )

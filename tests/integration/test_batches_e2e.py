@@ -25,7 +25,7 @@ import requests
 from openai.types import Batch
 from sqlalchemy import create_engine, text
 
-from parley_kit.testing import ServiceProcess, eventually, free_port, python_module, unavailable
+from parley_kit.testing import ServiceProcess, eventually, free_port, free_ports, python_module, unavailable
 
 if TYPE_CHECKING:
     from conftest import Client, RunningPlatform
@@ -457,13 +457,13 @@ def own_rabbit(tmp_path: Path) -> Iterator[OwnRabbit]:
     for attempt in range(3):
         base = tmp_path / f"rabbit-{attempt}"
         base.mkdir()
-        port, node = free_port(), f"t6-{uuid.uuid4().hex[:8]}@localhost"
+        (port, dist_port), node = free_ports(2), f"t6-{uuid.uuid4().hex[:8]}@localhost"
         env = {
             "HOME": str(base),  # its own Erlang cookie
             "RABBITMQ_NODENAME": node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_DIST_PORT": str(dist_port),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from parley_kit.testing import PostgresServer, free_port
+from parley_kit.testing import PostgresServer, free_ports
 from parley_platform import Platform, PlatformConfig, delete_broker_names
 from tests.integration.conftest import LogCollector
 
@@ -442,7 +442,8 @@ def session(
     run_id = uuid.uuid4().hex[:8]
     run_dir = tmp_path_factory.mktemp("hygiene")
     collector = LogCollector()
-    worker_metrics = free_port()
+    names = ("gateway", "auth", "llm", "jobs", "fakeprovider")
+    *service_ports, worker_metrics = free_ports(len(names) + 1)
     prefix = f"parley-hygiene-{run_id}"
     config = PlatformConfig(
         run_dir=run_dir,
@@ -455,7 +456,7 @@ def session(
         secrets={
             name: f"{secrets.token_urlsafe(24)}-{name}-canary" for name in ("gateway", "jobs", "pepper", "provider")
         },
-        ports={name: free_port() for name in ("gateway", "auth", "llm", "jobs", "fakeprovider")},
+        ports=dict(zip(names, service_ports, strict=True)),
         workers={"gateway": 1, "auth": 1, "llm": 1, "jobs": 1},
         log_level="DEBUG",
         logstash=("127.0.0.1", collector.port),

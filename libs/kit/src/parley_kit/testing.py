@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from .processes import ServiceProcess, free_port, python_module
+from .processes import ServiceProcess, free_port, free_ports, python_module
 
-__all__ = ["ServiceProcess", "TokenMint", "free_port", "python_module"]
+__all__ = ["ServiceProcess", "TokenMint", "free_port", "free_ports", "python_module"]
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
