@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +15,6 @@ from . import errors, health, logs, metrics, tracing
 from .errors import ErrorShape
 from .openapi import ServiceOpenAPI
 from .settings import ServiceSettings
-
-access_log = logging.getLogger("parley.access")
 
 BEARER_SCHEME = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
 
@@ -84,18 +81,12 @@ def register_request_context(app: OpenAPI) -> None:
         if context is not None:
             response.headers["x-request-id"] = context.request_id
         if request.path not in ("/metrics", "/livez", "/readyz"):
-            access_log.info(
-                "%s %s %s",
+            begun = g.get("parley_begun")
+            logs.access(
                 request.method,
                 request.path,
                 response.status_code,
-                extra={
-                    "http.request.method": request.method,
-                    "url.path": request.path,
-                    "http.response.status_code": response.status_code,
-                    "event.duration": time.perf_counter_ns() - g.get("parley_begun", time.perf_counter_ns()),
-                    "event.outcome": "success" if response.status_code < 400 else "failure",
-                },
+                time.perf_counter_ns() - begun if begun is not None else 0,
             )
         return response
 

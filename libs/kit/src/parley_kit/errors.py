@@ -227,19 +227,22 @@ def register_error_handlers(app: Flask, shape_for_path: Callable[[str], ErrorSha
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        if database_refused_value(error):
-            # A value the database cannot hold (PostgreSQL text cannot carry NUL, numbers and dates have ranges) comes
-            # from the request: the transaction rolled back, and the client gets a 400, not a 500 that reads as our bug.
-            log.warning(
-                "database refused a value", extra={"url.path": request.path, "error.type": type(error).__name__}
-            )
-            return render(BadRequest("a value in the request cannot be stored (text must not contain NUL characters)"))
-        if database_unavailable(error):
-            extra = {"url.path": request.path, "error.type": type(error).__name__}
-            log.warning("database unavailable", extra=extra)
-            return render(ServiceUnavailable("database unavailable, retry shortly", headers={"Retry-After": "1"}))
-        log.exception("unhandled error", extra={"url.path": request.path})
-        return render(ParleyError())
+        return render(from_unexpected(error, request.path))
+
+
+def from_unexpected(error: Exception, path: str) -> ParleyError:
+    """The answer to an exception no route turned into a ParleyError (logged here): a database fault the client or
+    an outage explains, or a 500 with its traceback in the log, never in the answer."""
+    if database_refused_value(error):
+        # A value the database cannot hold (PostgreSQL text cannot carry NUL, numbers and dates have ranges) comes
+        # from the request: the transaction rolled back, and the client gets a 400, not a 500 that reads as our bug.
+        log.warning("database refused a value", extra={"url.path": path, "error.type": type(error).__name__})
+        return BadRequest("a value in the request cannot be stored (text must not contain NUL characters)")
+    if database_unavailable(error):
+        log.warning("database unavailable", extra={"url.path": path, "error.type": type(error).__name__})
+        return ServiceUnavailable("database unavailable, retry shortly", headers={"Retry-After": "1"})
+    log.exception("unhandled error", extra={"url.path": path})
+    return ParleyError()
 
 
 def _database_errors() -> Any:

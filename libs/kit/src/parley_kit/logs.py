@@ -109,6 +109,26 @@ class _BoundedQueueListener(logging.handlers.QueueListener):
         self.queue.put(self._sentinel, timeout=self.drain_seconds)
 
 
+_access = logging.getLogger("parley.access")
+
+
+def access(method: str, path: str, status: int, duration_ns: int) -> None:
+    """One ECS access line for an answered request (the Flask hook, the gateway's proxy and llm's plain calls)."""
+    _access.info(
+        "%s %s %s",
+        method,
+        path,
+        status,
+        extra={
+            "http.request.method": method,
+            "url.path": path,
+            "http.response.status_code": status,
+            "event.duration": duration_ns,
+            "event.outcome": "success" if status < 400 else "failure",
+        },
+    )
+
+
 def _nest(doc: dict[str, Any]) -> dict[str, Any]:
     """Turn dotted keys (`http.request.method`) into nested ECS objects."""
     out: dict[str, Any] = {}

@@ -167,7 +167,11 @@ class TokenVerifier:
 
 def bearer_token(request: Request) -> str | None:
     """The token of an `Authorization: Bearer …` header, if any."""
-    value = request.headers.get("Authorization", "")
+    return parse_bearer(request.headers.get("Authorization", ""))
+
+
+def parse_bearer(value: str) -> str | None:
+    """The token of an `Authorization` header's value if it is `Bearer …`."""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import orjson
 
-from parley_kit import background, errors, tracing
+from parley_kit import background, errors, logs, tracing
 from parley_kit.errors import (
     BadRequest,
     GatewayTimeout,
@@ -38,7 +38,6 @@ from .ratelimit import DefaultLimits, RateLimiter, Scope, UsageMeter
 from .routing import Route, Upstream
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("parley.access")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -177,20 +176,7 @@ class Proxy:
             finished - started
         )
         if self._access_log:
-            path = environ.get("PATH_INFO", "")
-            access_log.info(
-                "%s %s %s",
-                method,
-                path,
-                status,
-                extra={
-                    "http.request.method": method,
-                    "url.path": path,
-                    "http.response.status_code": status,
-                    "event.duration": int((finished - started) * 1e9),
-                    "event.outcome": "success" if status < 400 else "failure",
-                },
-            )
+            logs.access(method, environ.get("PATH_INFO", ""), status, int((finished - started) * 1e9))
 
 
 class Settlement:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine
 
+from parley_kit import background, tracing
 from parley_kit.batching import GroupCommit
 from parley_kit.db import retry_lost_connection, run_statement, utcnow
 from parley_kit.errors import ParleyError, UpstreamError, database_unavailable
@@ -129,6 +130,25 @@ class Ledger:
             return
         try:
             retry_lost_connection(lambda: self._write_settled(ctx, row, cost))
+        except Exception:
+            log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
+
+    def settle_after_answer(self, ctx: CallContext, record: CallRecord, trace: tracing.TraceContext | None) -> None:
+        """Settle a call whose answer has gone out (from the WSGI close, after the request's trace is cleared).
+
+        A row alone is only queued for the group commit, no I/O: done here, without a greenlet per call. A budget
+        settlement is a transaction: detached, so the connection's next request does not wait for it.
+        """
+
+        def settle_in_trace() -> None:
+            with tracing.use(trace):
+                self.settle(ctx, record)
+
+        if ctx.reservation is not None:
+            background.run_detached(settle_in_trace)
+            return
+        try:
+            settle_in_trace()
         except Exception:
             log.exception("could not settle usage", extra={"http.request.id": ctx.request_id})
 

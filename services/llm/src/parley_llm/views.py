@@ -12,7 +12,7 @@ from flask import Response, after_this_request, g, request, stream_with_context
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley_kit import background, tracing
+from parley_kit import tracing
 from parley_kit.db import Database
 from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.openapi import error_responses
@@ -81,6 +81,27 @@ class MessagesRequest(BaseModel):
     stream: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """An inference route: its ledger name, the kind of model it needs, its API family and its provider path."""
+
+    operation: str  # the ledger's name: chat | messages | embeddings
+    kind: Operation
+    family: Provider
+    body: type[BaseModel]
+    upstream_path: str
+    output_limited: bool = True  # max_tokens is checked against the model's ceiling
+    passes_beta: bool = False  # the anthropic-beta header goes on to the provider
+
+
+CHAT = Inference("chat", Operation.CHAT, Provider.OPENAI, ChatCompletionRequest, "/chat/completions")
+MESSAGES = Inference("messages", Operation.CHAT, Provider.ANTHROPIC, MessagesRequest, "/v1/messages", passes_beta=True)
+EMBEDDINGS = Inference(
+    "embeddings", Operation.EMBEDDINGS, Provider.OPENAI, EmbeddingRequest, "/embeddings", output_limited=False
+)
+INFERENCE_ROUTES = {"/v1/chat/completions": CHAT, "/v1/messages": MESSAGES, "/v1/embeddings": EMBEDDINGS}
+
+
 class ProviderAnswer(BaseModel):
     """The provider's own response object, forwarded unchanged (`stream: true`: its server-sent events)."""
 
@@ -123,25 +144,25 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         g.identity = authenticate(request, state.verifier)
 
     def deferred_settle(ctx: relay.CallContext) -> Callable[[CallRecord], None]:
-        """Settle once the answer has been sent (WSGI close), detached: the ledger write is off this client's clock,
-        and off the next request's on the same connection."""
+        """Settle once the answer has been sent (WSGI close): off this client's clock, and off the next request's on
+        the same connection."""
 
         def settle(record: CallRecord) -> None:
             @after_this_request
             def _on_close(response: Response) -> Response:
-                context = tracing.current()  # the close callback runs after the request's trace is cleared
-
-                def settle_in_trace() -> None:
-                    with tracing.use(context):
-                        state.ledger.settle(ctx, record)
-
-                response.call_on_close(lambda: background.run_detached(settle_in_trace))
+                trace = tracing.current()  # the close callback runs after the request's trace is cleared
+                response.call_on_close(lambda: state.ledger.settle_after_answer(ctx, record, trace))
                 return response
 
         return settle
 
     def stream_response(events: Any) -> Response:
         return Response(stream_with_context(events), mimetype="text/event-stream", headers=relay.SSE_HEADERS)
+
+    def relayed(upstream: relay.ForwardResponse, ctx: relay.CallContext, meter: relay.StreamMeter) -> Response:
+        return stream_response(
+            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+        )
 
     def translated(bridge: translate.Bridge, ctx: relay.CallContext, raw: dict[str, Any]) -> Response:
         """A model of the other API family: the request, the answer and each stream event are translated."""
@@ -155,10 +176,27 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         upstream = relay.start_stream(
             state.router, ctx, record, path=bridge.path, content=content, settle=state.ledger.settle
         )
-        meter = bridge.stream_meter(record, raw, redact=state.upstreams.redact)
-        return stream_response(
-            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+        return relayed(upstream, ctx, bridge.stream_meter(record, raw, redact=state.upstreams.redact))
+
+    def begin(route: Inference) -> tuple[relay.CallContext, dict[str, Any], translate.Bridge | None]:
+        """The checked call (404/403/400 before any reservation), its raw body and the bridge it needs, if any."""
+        raw: dict[str, Any] = request.get_json()
+        deployment = admit(state.catalog, route, g.identity, raw)
+        trace = tracing.current()
+        ctx = context(
+            g.identity,
+            deployment,
+            route,
+            raw,
+            started=g.get("parley_started") or time.perf_counter(),
+            request_id=trace.request_id if trace else "",
         )
+        return ctx, raw, bridge_for(route, deployment)
+
+    def plain(route: Inference, ctx: relay.CallContext, raw: dict[str, Any]) -> Response:
+        beta = request.headers.get("anthropic-beta") if route.passes_beta else None
+        answer = plain_call(state, route, ctx, raw, request.get_data(), beta=beta, settle=deferred_settle(ctx))
+        return Response(answer, mimetype="application/json")
 
     once = idempotency.idempotent(
         state.db, wait=state.idempotency_wait, stale_after=state.idempotency_wait + state.router.total_timeout
@@ -168,24 +206,17 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
     @once
     def chat_completions(body: ChatCompletionRequest) -> Response:
         """Create a chat completion (OpenAI format), streamed or not."""
-        deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
-        raw: dict[str, Any] = request.get_json()
-        check_output_limit(deployment, raw)
-        ctx = context(g.identity, deployment, "chat", raw)
-        if (bridge := translate.bridge(Provider.OPENAI, deployment.provider)) is not None:
+        ctx, raw, bridge = begin(CHAT)
+        if bridge is not None:
             return translated(bridge, ctx, raw)
         state.ledger.reserve(ctx)
         if not body.stream:
-            content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
-            answer = relay.complete(
-                state.router, ctx, path="/chat/completions", content=content, settle=deferred_settle(ctx)
-            )
-            return Response(answer, mimetype="application/json")
+            return plain(CHAT, ctx, raw)
         options = raw.get("stream_options") or {}
         # Always ask for the usage chunk (the ledger needs it); the meter drops it if the client did not ask.
         upstream_body = {
             **raw,
-            "model": deployment.upstream_model,
+            "model": ctx.deployment.upstream_model,
             "stream_options": {**options, "include_usage": True},
         }
         record = ctx.new_record(streamed=True)
@@ -193,59 +224,44 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
             state.router,
             ctx,
             record,
-            path="/chat/completions",
+            path=CHAT.upstream_path,
             content=orjson.dumps(upstream_body),
             settle=state.ledger.settle,
         )
-        meter = relay.OpenAIStreamMeter(record, client_wants_usage=bool(options.get("include_usage")))
-        return stream_response(
-            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
+        return relayed(
+            upstream, ctx, relay.OpenAIStreamMeter(record, client_wants_usage=bool(options.get("include_usage")))
         )
 
     @bp.post("/embeddings", responses={200: ProviderAnswer, **EMBEDDING_ERRORS})
     def embeddings(body: EmbeddingRequest) -> Response:
         """Create embeddings (OpenAI format)."""
-        deployment = resolve(state.catalog, g.identity, body.model, Operation.EMBEDDINGS)
-        raw: dict[str, Any] = request.get_json()
-        ctx = context(g.identity, deployment, "embeddings", raw)
+        ctx, raw, _ = begin(EMBEDDINGS)
         state.ledger.reserve(ctx)
-        content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
-        answer = relay.complete(state.router, ctx, path="/embeddings", content=content, settle=deferred_settle(ctx))
-        return Response(answer, mimetype="application/json")
+        return plain(EMBEDDINGS, ctx, raw)
 
     @bp.post("/messages", responses={200: ProviderAnswer, **INFERENCE_ERRORS})
     @once
     def messages(body: MessagesRequest) -> Response:
         """Create a message (Anthropic format), streamed or not."""
-        deployment = resolve(state.catalog, g.identity, body.model, Operation.CHAT)
-        raw: dict[str, Any] = request.get_json()
-        check_output_limit(deployment, raw)
-        ctx = context(g.identity, deployment, "messages", raw)
-        if (bridge := translate.bridge(Provider.ANTHROPIC, deployment.provider)) is not None:
+        ctx, raw, bridge = begin(MESSAGES)
+        if bridge is not None:
             return translated(bridge, ctx, raw)
         state.ledger.reserve(ctx)
-        beta = request.headers.get("anthropic-beta")
-        headers = {"anthropic-beta": beta} if beta else None
-        content = request.get_data() if deployment.upstream_model == body.model else _rename(raw, deployment)
         if not body.stream:
-            answer = relay.complete(
-                state.router, ctx, path="/v1/messages", content=content, settle=deferred_settle(ctx), headers=headers
-            )
-            return Response(answer, mimetype="application/json")
+            return plain(MESSAGES, ctx, raw)
+        beta = request.headers.get("anthropic-beta")
+        content = request.get_data() if ctx.deployment.upstream_model == body.model else _rename(raw, ctx.deployment)
         record = ctx.new_record(streamed=True)
         upstream = relay.start_stream(
             state.router,
             ctx,
             record,
-            path="/v1/messages",
+            path=MESSAGES.upstream_path,
             content=content,
             settle=state.ledger.settle,
-            headers=headers,
+            headers={"anthropic-beta": beta} if beta else None,
         )
-        meter = relay.AnthropicStreamMeter(record)
-        return stream_response(
-            relay.RelayedStream(upstream, ctx, meter, state.ledger.settle, total_timeout=state.router.total_timeout)
-        )
+        return relayed(upstream, ctx, relay.AnthropicStreamMeter(record))
 
     @bp.get("/models", responses={200: ModelList})
     def list_models() -> Response:
@@ -295,17 +311,60 @@ def check_output_limit(deployment: Deployment, body: dict[str, Any]) -> None:
             )
 
 
-def context(identity: Identity, deployment: Deployment, operation: str, body: dict[str, Any]) -> relay.CallContext:
+def admit(catalog: Catalog, route: Inference, identity: Identity, raw: dict[str, Any]) -> Deployment:
+    """The deployment for the request's model, checked for this caller and route (404 / 403 / 400)."""
+    deployment = resolve(catalog, identity, raw["model"], route.kind)
+    if route.output_limited:
+        check_output_limit(deployment, raw)
+    return deployment
+
+
+def bridge_for(route: Inference, deployment: Deployment) -> translate.Bridge | None:
+    """The translation a chat model of the other API family needs (None: the body goes on as it is)."""
+    return translate.bridge(route.family, deployment.provider) if route.kind is Operation.CHAT else None
+
+
+def plain_call(
+    state: LlmState,
+    route: Inference,
+    ctx: relay.CallContext,
+    raw: dict[str, Any],
+    data: bytes,
+    *,
+    beta: str | None,
+    settle: Callable[[CallRecord], None],
+) -> bytes:
+    """A non-streamed call in the route's own API family: the client's bytes go on unchanged unless the model is
+    renamed; the provider's answer comes back as it is."""
+    content = data if ctx.deployment.upstream_model == raw["model"] else _rename(raw, ctx.deployment)
+    return relay.complete(
+        state.router,
+        ctx,
+        path=route.upstream_path,
+        content=content,
+        settle=settle,
+        headers={"anthropic-beta": beta} if beta else None,
+    )
+
+
+def context(
+    identity: Identity,
+    deployment: Deployment,
+    route: Inference,
+    body: dict[str, Any],
+    *,
+    started: float,
+    request_id: str,
+) -> relay.CallContext:
     """The ledger context of this request."""
-    trace = tracing.current()
     return relay.CallContext(
-        request_id=trace.request_id if trace else "",
+        request_id=request_id,
         user_id=identity.subject,
         key_id=identity.key_id,
         deployment=deployment,
-        operation=operation,
+        operation=route.operation,
         body=body,
-        started=g.get("parley_started") or time.perf_counter(),
+        started=started,
     )
 
 
