@@ -15,6 +15,7 @@ from parley_kit.tokens import TokenVerifier
 
 from .catalog import load_catalog
 from .ledger_views import register_ledger_routes
+from .plain import PlainCalls
 from .relay import Ledger
 from .routing import RetryPolicy, Router
 from .settings import LlmSettings, load_settings
@@ -42,6 +43,7 @@ def create_app(settings: LlmSettings | None = None) -> OpenAPI:
     register_routes(app, state)
     register_ledger_routes(app, state)
     register_health(health, state)
+    app.wsgi_app = PlainCalls(app.wsgi_app, state)  # type: ignore[method-assign]
     atexit.register(state.close)
     return app
 
