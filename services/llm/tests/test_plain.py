@@ -109,7 +109,8 @@ def test_plain_layer_answers_as_flask_does(app, token_mint: TokenMint, user: str
         (CHAT, chat(), {}, 0),
         (MESSAGES, message(), {}, 0),
         (CHAT, chat("x #fake:error=503"), {}, 0),  # admitted, then failed upstream: still the layer's
-        (CHAT, chat(), {"Idempotency-Key": "plain-test-key"}, 1),
+        (CHAT, chat(), {"Idempotency-Key": "plain-test-key"}, 0),
+        (CHAT, chat(), {"Idempotency-Key": "k" * 256}, 1),  # too long: Flask's 400
         (CHAT, chat(stream=True), {}, 1),
         (CHAT, chat(model="claude-3-5-haiku-latest"), {}, 1),
         (CHAT, chat(model="no-such-model"), {}, 1),
@@ -122,6 +123,27 @@ def test_only_admitted_plain_calls_skip_flask(
     token = token_mint.mint(user, key_id="key-1")
     send(app.test_client(), path, body, headers, token)
     assert len(flask_requests) == by_flask
+
+
+def test_idempotency_keys_through_the_layer_as_through_flask(app, token_mint: TokenMint, user: str) -> None:  # type: ignore[no-untyped-def]
+    """First call, replay, the key reused with another body, and a failed call's key released: alike both ways."""
+    token = token_mint.mint(user, key_id="key-1")
+    seen = {}
+    for name, client in (("layer", app.test_client()), ("flask", WsgiClient(app.wsgi_app._app))):
+        key = {"Idempotency-Key": f"{name}-{user}"}
+        failing = {"Idempotency-Key": f"{name}-failing-{user}"}
+        answers = [
+            send(client, CHAT, chat(), key, token),
+            send(client, CHAT, chat(), key, token),
+            send(client, CHAT, chat("another prompt"), key, token),
+            send(client, CHAT, chat("x #fake:error=400"), failing, token),
+            send(client, CHAT, chat("x #fake:error=400"), failing, token),  # released: runs again
+        ]
+        assert answers[1].headers.get("Idempotent-Replayed") == "true"
+        assert answers[1].data == answers[0].data
+        seen[name] = [comparable(answer) for answer in answers]
+    assert [status for status, _, _ in seen["layer"]] == [200, 200, 409, 400, 400]
+    assert seen["layer"] == seen["flask"]
 
 
 def test_plain_calls_are_charged_once_after_the_answer(app, token_mint: TokenMint, user: str, rows) -> None:  # type: ignore[no-untyped-def]

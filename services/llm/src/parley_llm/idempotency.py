@@ -32,6 +32,7 @@ from .models import IdempotencyRecord
 log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
 REPLAYED_HEADER = "Idempotent-Replayed"
 POLL_SECONDS = 0.05
 T = TypeVar("T")
@@ -146,6 +147,46 @@ def replay(record: Row[Any]) -> Response:
     )
 
 
+def claim_or_replay(
+    db: Database, *, user_id: str, key: str, fingerprint: str, wait: float, stale_after: float
+) -> Row[Any] | None:
+    """Claim the key for this request (None), or the finished record to replay. 409 when the key was used with
+    another request, or is still held by one after `wait` seconds; a claim older than `stale_after` is taken over."""
+    deadline = time.monotonic() + wait
+    while True:
+        if run_statement(db.engine, lambda c: claim(c, user_id=user_id, key=key, fingerprint=fingerprint)):
+            return None
+        record = run_statement(db.engine, lambda c: lookup(c, user_id=user_id, key=key))
+        if record is None:
+            continue  # released between our insert and our read: claim again
+        if record.request_hash != fingerprint:
+            raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
+        if record.state == "done":
+            return record
+        if record.created_at < utcnow() - timedelta(seconds=stale_after) and run_statement(
+            db.engine, functools.partial(take_over, record=record, fingerprint=fingerprint)
+        ):
+            return None
+        if time.monotonic() > deadline:
+            raise Conflict("a request with this Idempotency-Key is still in progress", code="idempotency_key_in_use")
+        time.sleep(POLL_SECONDS)
+
+
+def settle_claim(db: Database, *, user_id: str, key: str, answer: bytes | None) -> None:
+    """Keep a 200 answer for replays, or release the key (`answer` None: the request failed) so a retry runs."""
+    if answer is None:
+        finish_claim(db, lambda session: release(session, user_id=user_id, key=key))
+    else:
+        finish_claim(db, lambda session: store(session, user_id=user_id, key=key, status=200, body=answer))
+
+
+def checked_key(value: str | None) -> str | None:
+    """The request's Idempotency-Key (None: none, or empty); 400 past 255 characters."""
+    if value and len(value) > MAX_KEY_LENGTH:
+        raise BadRequest("Idempotency-Key is longer than 255 characters", code="invalid_idempotency_key")
+    return value or None
+
+
 def idempotent(
     db: Database, *, wait: float, stale_after: float
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
@@ -157,45 +198,29 @@ def idempotent(
     def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Response:
-            key = request.headers.get(HEADER)
             raw = request.get_json(silent=True)
-            if not key or not isinstance(raw, dict) or raw.get("stream"):
+            if not request.headers.get(HEADER) or not isinstance(raw, dict) or raw.get("stream"):
                 return view(*args, **kwargs)
-            if len(key) > 255:
-                raise BadRequest("Idempotency-Key is longer than 255 characters", code="invalid_idempotency_key")
-            user_id, fingerprint = g.identity.subject, request_hash(request.path, raw)
-            deadline = time.monotonic() + wait
-            while True:
-                if run_statement(db.engine, lambda c: claim(c, user_id=user_id, key=key, fingerprint=fingerprint)):
-                    break
-                record = run_statement(db.engine, lambda c: lookup(c, user_id=user_id, key=key))
-                if record is None:
-                    continue  # released between our insert and our read: claim again
-                if record.request_hash != fingerprint:
-                    raise Conflict(
-                        "this Idempotency-Key was used with a different request", code="idempotency_key_reused"
-                    )
-                if record.state == "done":
-                    return replay(record)
-                if record.created_at < utcnow() - timedelta(seconds=stale_after) and run_statement(
-                    db.engine, functools.partial(take_over, record=record, fingerprint=fingerprint)
-                ):
-                    break
-                if time.monotonic() > deadline:
-                    raise Conflict(
-                        "a request with this Idempotency-Key is still in progress", code="idempotency_key_in_use"
-                    )
-                time.sleep(POLL_SECONDS)
+            key = checked_key(request.headers.get(HEADER))
+            assert key is not None
+            user_id = g.identity.subject
+            done = claim_or_replay(
+                db,
+                user_id=user_id,
+                key=key,
+                fingerprint=request_hash(request.path, raw),
+                wait=wait,
+                stale_after=stale_after,
+            )
+            if done is not None:
+                return replay(done)
             try:
                 response = view(*args, **kwargs)
             except BaseException:
-                finish_claim(db, lambda session: release(session, user_id=user_id, key=key))
+                settle_claim(db, user_id=user_id, key=key, answer=None)
                 raise
-            if response.status_code == 200 and not response.is_streamed:
-                body = response.get_data()
-                finish_claim(db, lambda session: store(session, user_id=user_id, key=key, status=200, body=body))
-            else:
-                finish_claim(db, lambda session: release(session, user_id=user_id, key=key))
+            kept = response.status_code == 200 and not response.is_streamed
+            settle_claim(db, user_id=user_id, key=key, answer=response.get_data() if kept else None)
             return response
 
         return wrapper

@@ -1,10 +1,10 @@
 """Plain inference calls without Flask: a WSGI layer in front of the llm app.
 
-A non-streamed call in the route's own API family, with no Idempotency-Key, is what the gateway sends most. This
-layer answers it without Flask's request context, URL map, hooks and flask-openapi3's validation machinery: ~18% of
+A non-streamed call in the route's own API family is what the gateway and the batch worker send most. This layer
+answers it without Flask's request context, URL map, hooks and flask-openapi3's validation machinery: ~18% of
 llm's CPU per call (bench/README.md, session 8). It runs the same steps as the Flask view (`views.admit`,
-`views.plain_call`), writes the same metric and access line, and settles the ledger at the same moment (the WSGI
-close).
+`views.plain_call`, an Idempotency-Key's `claim_or_replay` and `settle_claim`), writes the same metric and access
+line, and settles the ledger at the same moment (the WSGI close).
 
 Only admitted calls are answered here. Anything this layer would refuse before doing any work (not JSON, invalid, no
 or a bad token, an unknown or forbidden model, a model of the other family) goes to Flask untouched, with the body it
@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from werkzeug.wrappers import Response
 from werkzeug.wsgi import ClosingIterator
 
 from parley_kit import errors, logs, tracing
@@ -28,6 +29,7 @@ from parley_kit.errors import ErrorShape, ParleyError
 from parley_kit.metrics import HTTP_SERVER_DURATION
 from parley_kit.tokens import Identity, parse_bearer
 
+from . import idempotency
 from .catalog import Deployment, Provider
 from .telemetry import CallRecord
 from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call
@@ -47,7 +49,7 @@ class PlainCalls:
         """Serve one request."""
         path = environ.get("PATH_INFO", "")
         route = INFERENCE_ROUTES.get(path)
-        if route is None or environ["REQUEST_METHOD"] != "POST" or "HTTP_IDEMPOTENCY_KEY" in environ:
+        if route is None or environ["REQUEST_METHOD"] != "POST" or not _usable_key(environ):
             return self._app(environ, start_response)
         started = time.perf_counter()
         data = _json_body(environ)
@@ -97,19 +99,37 @@ class PlainCalls:
         trace: tracing.TraceContext,
     ) -> Iterable[bytes]:
         state = self._state
+        path = environ["PATH_INFO"]
         ctx = context(identity, deployment, route, raw, started=started, request_id=trace.request_id)
+        key = environ.get("HTTP_IDEMPOTENCY_KEY") or None
+        claimed: str | None = None  # the Idempotency-Key this request holds
         records: list[CallRecord] = []
         try:
+            if key is not None:
+                done = idempotency.claim_or_replay(
+                    state.db,
+                    user_id=identity.subject,
+                    key=key,
+                    fingerprint=idempotency.request_hash(path, raw),
+                    wait=state.idempotency_wait,
+                    stale_after=state.idempotency_stale_after,
+                )
+                if done is not None:
+                    return self._respond(idempotency.replay(done), environ, start_response, started, trace)
+                claimed = key
             state.ledger.reserve(ctx)
             beta = environ.get("HTTP_ANTHROPIC_BETA") if route.passes_beta else None
             answer = plain_call(state, route, ctx, raw, data, beta=beta, settle=records.append)
-        except Exception as exc:  # noqa: BLE001 - every failure is answered in the route's shape
-            error = exc if isinstance(exc, ParleyError) else errors.from_unexpected(exc, environ["PATH_INFO"])
-            response = errors.error_response(_shape(route), error)
-            response.headers["x-request-id"] = trace.request_id
-            self._observe(environ, error.status, started)
-            body = response(environ, start_response)
+        except BaseException as exc:  # every failure is answered in the route's shape; a kill releases the key too
+            if claimed is not None:
+                idempotency.settle_claim(state.db, user_id=identity.subject, key=claimed, answer=None)
+            if not isinstance(exc, Exception):
+                raise
+            error = exc if isinstance(exc, ParleyError) else errors.from_unexpected(exc, path)
+            body = self._respond(errors.error_response(_shape(route), error), environ, start_response, started, trace)
         else:
+            if claimed is not None:
+                idempotency.settle_claim(state.db, user_id=identity.subject, key=claimed, answer=answer)
             start_response(
                 "200 OK",
                 [
@@ -118,7 +138,7 @@ class PlainCalls:
                     ("x-request-id", trace.request_id),
                 ],
             )
-            self._observe(environ, 200, started)
+            self._observe(path, 200, started)
             body = [answer]
 
         def settle() -> None:
@@ -127,10 +147,22 @@ class PlainCalls:
 
         return ClosingIterator(body, settle)
 
+    def _respond(
+        self,
+        response: Response,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        started: float,
+        trace: tracing.TraceContext,
+    ) -> Iterable[bytes]:
+        """Send a ready response (an error, a replay) with the request id, observed like any answer."""
+        response.headers["x-request-id"] = trace.request_id
+        self._observe(environ["PATH_INFO"], response.status_code, started)
+        return response(environ, start_response)
+
     @staticmethod
-    def _observe(environ: dict[str, Any], status: int, started: float) -> None:
+    def _observe(path: str, status: int, started: float) -> None:
         """The metric and access line the kit's Flask hooks write, by the same route template."""
-        path = environ["PATH_INFO"]
         elapsed = time.perf_counter() - started
         HTTP_SERVER_DURATION.labels("POST", path, str(status)).observe(elapsed)
         logs.access("POST", path, status, int(elapsed * 1e9))
@@ -143,6 +175,11 @@ def _json_body(environ: dict[str, Any]) -> bytes | None:
     if mimetype != "application/json" or not length.isdigit():
         return None
     return environ["wsgi.input"].read(int(length))
+
+
+def _usable_key(environ: dict[str, Any]) -> bool:
+    """No Idempotency-Key, or one of an acceptable length (a longer one is Flask's 400)."""
+    return len(environ.get("HTTP_IDEMPOTENCY_KEY", "")) <= idempotency.MAX_KEY_LENGTH
 
 
 def _shape(route: Inference) -> ErrorShape:

@@ -38,6 +38,11 @@ class LlmState:
     log_prompts: bool = False
     idempotency_wait: float = 60.0
 
+    @property
+    def idempotency_stale_after(self) -> float:
+        """How old a claim must be before another request takes it over (its holder died): the wait, plus a call."""
+        return self.idempotency_wait + self.router.total_timeout
+
     def close(self) -> None:
         """Release pooled database and provider connections."""
         self.upstreams.close()
@@ -198,9 +203,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         answer = plain_call(state, route, ctx, raw, request.get_data(), beta=beta, settle=deferred_settle(ctx))
         return Response(answer, mimetype="application/json")
 
-    once = idempotency.idempotent(
-        state.db, wait=state.idempotency_wait, stale_after=state.idempotency_wait + state.router.total_timeout
-    )
+    once = idempotency.idempotent(state.db, wait=state.idempotency_wait, stale_after=state.idempotency_stale_after)
 
     @bp.post("/chat/completions", responses={200: ProviderAnswer, **INFERENCE_ERRORS})
     @once
