@@ -8,7 +8,9 @@ So a lone call is written at once, in the caller (exactly as an unbatched write)
 into one statement per round trip instead of one each. With a `linger` (under gevent), the writer runs detached and
 waits that long before its first write, so calls spread out in time (one request at a time) share a round trip too;
 a detached writer also keeps a batch that failed for a reason `retry_while` accepts (the database is away) and tries
-it again, backing off, until it is written or the worker exits.
+it again, backing off, until it is written or the worker exits. A writer that falls behind (its greenlet gets few turns
+in a worker busy serving) is helped: past `HELP_AFTER_BATCHES` batches waiting, a caller that adds writes a batch
+itself, so callers slow down to the rate the database takes instead of the backlog filling up and items being dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ T = TypeVar("T")
 
 RETRY_FIRST_SECONDS = 0.2  # a detached writer's first wait after a failed write; doubled up to RETRY_MAX_SECONDS
 RETRY_MAX_SECONDS = 5.0
+# Past this many batches waiting behind a writer, each caller that adds an item writes a batch itself.
+HELP_AFTER_BATCHES = 2
 
 
 class GroupCommit(Generic[T]):
@@ -60,6 +64,7 @@ class GroupCommit(Generic[T]):
         self._dropped = 0  # items refused since the backlog filled up
         self._lock = threading.Lock()
         self._writing = False
+        self._retrying = False  # the writer is backing off after a failed write (the database is away)
 
     def add(self, item: T) -> None:
         """Queue `item`; write it (and whatever queues meanwhile) unless another caller is already writing."""
@@ -74,8 +79,19 @@ class GroupCommit(Generic[T]):
                 return
             self._pending.append(item)
             if self._writing:
-                return
-            self._writing = True
+                if len(self._pending) < HELP_AFTER_BATCHES * self._max_batch or self._retrying:
+                    return
+                # The writer is falling behind (a worker busy serving: its greenlet gets few turns): this caller
+                # writes a batch itself. Callers slow down to the rate the database takes, instead of the backlog
+                # filling up and items being dropped.
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+            else:
+                self._writing = True
+                batch = None
+        if batch is not None:
+            self._write_beside_writer(batch)
+            return
         if self._linger and background.under_gevent():
             try:
                 background.run_detached(self._write_after_linger)
@@ -85,6 +101,18 @@ class GroupCommit(Generic[T]):
                 raise
         else:
             self._write_pending()
+
+    def _write_beside_writer(self, batch: list[T]) -> None:
+        """Write one batch in this caller, beside the writer; kept for the writer if it failed with an error
+        `retry_while` accepts, logged otherwise (as the writer does)."""
+        try:
+            self._write(batch)
+        except Exception as exc:
+            if not self._keeps(exc):
+                log.exception("a batched write failed", extra={"batch.name": self._name, "batch.size": len(batch)})
+                return
+            with self._lock:
+                self._pending[:0] = batch
 
     def _write_after_linger(self) -> None:
         self._pause(self._linger)  # gevent's sleep: other greenlets add meanwhile
@@ -99,16 +127,18 @@ class GroupCommit(Generic[T]):
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 if not batch:
-                    self._writing = False
+                    self._writing = self._retrying = False
                     return
             try:
                 self._write(batch)
                 pause = RETRY_FIRST_SECONDS
+                self._retrying = False
                 self._report_dropped()
             except Exception as exc:
                 if detached and self._keeps(exc):
                     with self._lock:
                         self._pending[:0] = batch  # first in line again, as it was
+                        self._retrying = True  # callers do not help while the database is away
                     log.warning(
                         "a batched write failed; it is kept and tried again",
                         extra={"batch.name": self._name, "batch.size": len(batch), "error.type": type(exc).__name__},
