@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import orjson
 
-from parley_kit import background, errors, logs, tracing
+from parley_kit import background, errors, logs, metrics, tracing
 from parley_kit.errors import (
     BadRequest,
     GatewayTimeout,
@@ -28,7 +28,6 @@ from parley_kit.errors import (
     UpstreamError,
 )
 from parley_kit.forward import ForwardClient, ForwardResponse, Unreachable
-from parley_kit.metrics import HTTP_SERVER_DURATION
 
 from . import routing
 from .credentials import EdgeAuthenticator
@@ -172,9 +171,7 @@ class Proxy:
     def _observe(self, route: Route, environ: dict[str, Any], status: int, started: float, finished: float) -> None:
         """RED metric by route name (bounded labels) and one ECS access line, as the kit writes for Flask routes."""
         method = environ["REQUEST_METHOD"]
-        HTTP_SERVER_DURATION.labels(method if method in _METHODS else "OTHER", route.name, str(status)).observe(
-            finished - started
-        )
+        metrics.observe_request(method if method in _METHODS else "OTHER", route.name, status, finished - started)
         if self._access_log:
             logs.access(method, environ.get("PATH_INFO", ""), status, int((finished - started) * 1e9))
 

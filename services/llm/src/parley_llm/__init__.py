@@ -9,7 +9,6 @@ from flask_openapi3 import OpenAPI
 
 from parley_kit.app import create_service_app
 from parley_kit.db import Database
-from parley_kit.errors import ErrorShape
 from parley_kit.health import Health
 from parley_kit.tokens import TokenVerifier
 
@@ -20,18 +19,9 @@ from .relay import Ledger
 from .routing import RetryPolicy, Router
 from .settings import LlmSettings, load_settings
 from .upstream import Upstreams
-from .views import LlmState, register_routes
+from .views import LlmState, register_routes, shape_for_path
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-
-
-def shape_for_path(path: str) -> ErrorShape:
-    """Anthropic's error shape on /v1/messages, OpenAI's on the other /v1 routes, problem+json elsewhere."""
-    if path.startswith("/v1/messages"):
-        return ErrorShape.ANTHROPIC
-    if path.startswith("/v1/"):
-        return ErrorShape.OPENAI
-    return ErrorShape.PROBLEM
 
 
 def create_app(settings: LlmSettings | None = None) -> OpenAPI:

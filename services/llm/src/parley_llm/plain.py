@@ -1,14 +1,15 @@
 """Plain inference calls without Flask: a WSGI layer in front of the llm app.
 
 A non-streamed call in the route's own API family is what the gateway and the batch worker send most. This layer
-answers it without Flask's request context, URL map, hooks and flask-openapi3's validation machinery: ~18% of
-llm's CPU per call (bench/README.md, session 8). It runs the same steps as the Flask view (`views.admit`,
+answers it without Flask's request context, URL map, hooks and flask-openapi3's validation machinery: with the
+settlement done in the close itself, a third of llm's CPU per call (bench/README.md, session 8). It runs the same steps as the Flask view (`views.admit`,
 `views.plain_call`, an Idempotency-Key's `claim_or_replay` and `settle_claim`), writes the same metric and access
 line, and settles the ledger at the same moment (the WSGI close).
 
 Only admitted calls are answered here. Anything this layer would refuse before doing any work (not JSON, invalid, no
-or a bad token, an unknown or forbidden model, a model of the other family) goes to Flask untouched, with the body it
-read, and Flask answers it: client errors have one author. Once a call is admitted (a budget may be held), its errors
+or a bad token, an unknown or forbidden model, a model of the other family, a stream) goes to Flask untouched, with the
+body it read, and Flask answers it: client errors have one author. The price: such a request is parsed, and a bad
+token verified, twice (the verifier caches only what it accepts). Once a call is admitted (a budget may be held), its errors
 are rendered here by the kit's renderer, in the route's shape.
 """
 
@@ -20,19 +21,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 from werkzeug.wrappers import Response
 from werkzeug.wsgi import ClosingIterator
 
-from parley_kit import errors, logs, tracing
-from parley_kit.errors import ErrorShape, ParleyError
-from parley_kit.metrics import HTTP_SERVER_DURATION
+from parley_kit import errors, logs, metrics, tracing
+from parley_kit.errors import ParleyError
 from parley_kit.tokens import Identity, parse_bearer
 
 from . import idempotency
-from .catalog import Deployment, Provider
+from .catalog import Deployment
 from .telemetry import CallRecord
-from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call
+from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call, shape_for_path
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -47,20 +46,29 @@ class PlainCalls:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request."""
-        path = environ.get("PATH_INFO", "")
-        route = INFERENCE_ROUTES.get(path)
-        if route is None or environ["REQUEST_METHOD"] != "POST" or not _usable_key(environ):
-            return self._app(environ, start_response)
+        route = INFERENCE_ROUTES.get(environ.get("PATH_INFO", ""))
+        if (
+            route is None
+            or environ["REQUEST_METHOD"] != "POST"
+            or len(_idempotency_key(route, environ)) > idempotency.MAX_KEY_LENGTH
+        ):
+            return self._app(environ, start_response)  # a key too long is Flask's 400
         started = time.perf_counter()
         data = _json_body(environ)
         if data is None:
             return self._app(environ, start_response)
-        admitted = self._admit(route, environ, data)
+        # Begun before the token is verified, as Flask's hooks do: a key fetch from auth carries the trace.
+        trace = tracing.start(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_X_REQUEST_ID"))
+        try:
+            admitted = self._admit(route, environ, data)
+        except BaseException:
+            tracing.clear()
+            raise
         if admitted is None:
+            tracing.clear()  # Flask begins its own (and a stream it answers keeps it while it runs)
             environ["wsgi.input"] = io.BytesIO(data)  # Flask reads the body again, and answers
             return self._app(environ, start_response)
         identity, deployment, raw = admitted
-        trace = tracing.start(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_X_REQUEST_ID"))
         try:
             return self._call(route, environ, start_response, identity, deployment, raw, data, started, trace)
         finally:
@@ -69,7 +77,8 @@ class PlainCalls:
     def _admit(
         self, route: Inference, environ: dict[str, Any], data: bytes
     ) -> tuple[Identity, Deployment, dict[str, Any]] | None:
-        """The caller, the deployment and the body of a call this layer answers; None for Flask to answer."""
+        """The caller, the deployment and the body of a call this layer answers; None for Flask to answer (every
+        refusal, and anything unexpected: Flask then answers it in the route's shape, and logs it)."""
         token = parse_bearer(environ.get("HTTP_AUTHORIZATION", ""))
         if token is None:
             return None
@@ -80,7 +89,7 @@ class PlainCalls:
             route.body.model_validate(raw)
             identity = self._state.verifier.verify(token)
             deployment = admit(self._state.catalog, route, identity, raw)
-        except (orjson.JSONDecodeError, ValidationError, ParleyError):
+        except Exception:  # noqa: BLE001 - refused here means answered by Flask
             return None
         if bridge_for(route, deployment) is not None:
             return None
@@ -101,9 +110,14 @@ class PlainCalls:
         state = self._state
         path = environ["PATH_INFO"]
         ctx = context(identity, deployment, route, raw, started=started, request_id=trace.request_id)
-        key = environ.get("HTTP_IDEMPOTENCY_KEY") or None
+        key = _idempotency_key(route, environ) or None
         claimed: str | None = None  # the Idempotency-Key this request holds
         records: list[CallRecord] = []
+
+        def settle() -> None:
+            for record in records:  # the call's one record, once the answer is out
+                state.ledger.settle_after_answer(ctx, record, trace)
+
         try:
             if key is not None:
                 done = idempotency.claim_or_replay(
@@ -126,25 +140,29 @@ class PlainCalls:
             if not isinstance(exc, Exception):
                 raise
             error = exc if isinstance(exc, ParleyError) else errors.from_unexpected(exc, path)
-            body = self._respond(errors.error_response(_shape(route), error), environ, start_response, started, trace)
+            answer_error = errors.error_response(shape_for_path(path), error)
+            try:
+                body = self._respond(answer_error, environ, start_response, started, trace)
+            except BaseException:
+                settle()
+                raise
         else:
             if claimed is not None:
                 idempotency.settle_claim(state.db, user_id=identity.subject, key=claimed, answer=answer)
-            start_response(
-                "200 OK",
-                [
-                    ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(answer))),
-                    ("x-request-id", trace.request_id),
-                ],
-            )
-            self._observe(path, 200, started)
+            try:
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", "application/json"),
+                        ("Content-Length", str(len(answer))),
+                        ("x-request-id", trace.request_id),
+                    ],
+                )
+                self._observe(path, 200, started)
+            except BaseException:
+                settle()  # never answered: still charged, and a held budget released
+                raise
             body = [answer]
-
-        def settle() -> None:
-            for record in records:  # the call's one record, once the answer is out
-                state.ledger.settle_after_answer(ctx, record, trace)
-
         return ClosingIterator(body, settle)
 
     def _respond(
@@ -164,7 +182,7 @@ class PlainCalls:
     def _observe(path: str, status: int, started: float) -> None:
         """The metric and access line the kit's Flask hooks write, by the same route template."""
         elapsed = time.perf_counter() - started
-        HTTP_SERVER_DURATION.labels("POST", path, str(status)).observe(elapsed)
+        metrics.observe_request("POST", path, status, elapsed)
         logs.access("POST", path, status, int(elapsed * 1e9))
 
 
@@ -172,15 +190,11 @@ def _json_body(environ: dict[str, Any]) -> bytes | None:
     """The body of a JSON request of declared length (anything else is Flask's to answer)."""
     mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     length = environ.get("CONTENT_LENGTH", "")
-    if mimetype != "application/json" or not length.isdigit():
+    if mimetype != "application/json" or not (length.isascii() and length.isdigit()):
         return None
     return environ["wsgi.input"].read(int(length))
 
 
-def _usable_key(environ: dict[str, Any]) -> bool:
-    """No Idempotency-Key, or one of an acceptable length (a longer one is Flask's 400)."""
-    return len(environ.get("HTTP_IDEMPOTENCY_KEY", "")) <= idempotency.MAX_KEY_LENGTH
-
-
-def _shape(route: Inference) -> ErrorShape:
-    return ErrorShape.ANTHROPIC if route.family is Provider.ANTHROPIC else ErrorShape.OPENAI
+def _idempotency_key(route: Inference, environ: dict[str, Any]) -> str:
+    """The request's Idempotency-Key on a route it applies to ("" otherwise: embeddings ignore it, as in Flask)."""
+    return environ.get("HTTP_IDEMPOTENCY_KEY", "") if route.idempotent else ""

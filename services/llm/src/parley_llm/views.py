@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from parley_kit import tracing
 from parley_kit.db import Database
-from parley_kit.errors import BadRequest, Forbidden, NotFound
+from parley_kit.errors import BadRequest, ErrorShape, Forbidden, NotFound
 from parley_kit.openapi import error_responses
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
 
@@ -90,19 +90,26 @@ class MessagesRequest(BaseModel):
 class Inference:
     """An inference route: its ledger name, the kind of model it needs, its API family and its provider path."""
 
-    operation: str  # the ledger's name: chat | messages | embeddings
+    ledger_name: str  # the usage row's operation: chat | messages | embeddings
     kind: Operation
     family: Provider
     body: type[BaseModel]
     upstream_path: str
     output_limited: bool = True  # max_tokens is checked against the model's ceiling
     passes_beta: bool = False  # the anthropic-beta header goes on to the provider
+    idempotent: bool = True  # an Idempotency-Key makes it run once (embeddings: not covered)
 
 
 CHAT = Inference("chat", Operation.CHAT, Provider.OPENAI, ChatCompletionRequest, "/chat/completions")
 MESSAGES = Inference("messages", Operation.CHAT, Provider.ANTHROPIC, MessagesRequest, "/v1/messages", passes_beta=True)
 EMBEDDINGS = Inference(
-    "embeddings", Operation.EMBEDDINGS, Provider.OPENAI, EmbeddingRequest, "/embeddings", output_limited=False
+    "embeddings",
+    Operation.EMBEDDINGS,
+    Provider.OPENAI,
+    EmbeddingRequest,
+    "/embeddings",
+    output_limited=False,
+    idempotent=False,
 )
 INFERENCE_ROUTES = {"/v1/chat/completions": CHAT, "/v1/messages": MESSAGES, "/v1/embeddings": EMBEDDINGS}
 
@@ -185,7 +192,9 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
 
     def begin(route: Inference) -> tuple[relay.CallContext, dict[str, Any], translate.Bridge | None]:
         """The checked call (404/403/400 before any reservation), its raw body and the bridge it needs, if any."""
-        raw: dict[str, Any] = request.get_json()
+        raw = request.get_json()
+        if not isinstance(raw, dict):  # a JSON string holding an object passes the body model's validation
+            raise BadRequest("the request body must be a JSON object", code="invalid_request")
         deployment = admit(state.catalog, route, g.identity, raw)
         trace = tracing.current()
         ctx = context(
@@ -280,6 +289,15 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
     app.register_api(bp)
 
 
+def shape_for_path(path: str) -> ErrorShape:
+    """Anthropic's error shape on /v1/messages, OpenAI's on the other /v1 routes, problem+json elsewhere."""
+    if path.startswith("/v1/messages"):
+        return ErrorShape.ANTHROPIC
+    if path.startswith("/v1/"):
+        return ErrorShape.OPENAI
+    return ErrorShape.PROBLEM
+
+
 def resolve(catalog: Catalog, identity: Identity, model: str, operation: Operation) -> Deployment:
     """The deployment for a public model name the caller may use for this operation (404 / 403 / 400 otherwise)."""
     deployment = catalog.get(model)
@@ -365,7 +383,7 @@ def context(
         user_id=identity.subject,
         key_id=identity.key_id,
         deployment=deployment,
-        operation=route.operation,
+        operation=route.ledger_name,
         body=body,
         started=started,
     )
