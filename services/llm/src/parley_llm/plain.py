@@ -2,15 +2,15 @@
 
 A non-streamed call in the route's own API family is what the gateway and the batch worker send most. This layer
 answers it without Flask's request context, URL map, hooks and flask-openapi3's validation machinery: with the
-settlement done in the close itself, a third of llm's CPU per call (bench/README.md, session 8). It runs the same steps as the Flask view (`views.admit`,
-`views.plain_call`, an Idempotency-Key's `claim_or_replay` and `settle_claim`), writes the same metric and access
-line, and settles the ledger at the same moment (the WSGI close).
+settlement done in the close itself, a third of llm's CPU per call (bench/README.md, session 8). It runs the same
+steps as the Flask view (`views.admit`, `views.plain_call`, an Idempotency-Key's `claim_or_replay` and
+`settle_claim`), writes the same metric and access line, and settles the ledger at the same moment (the WSGI close).
 
 Only admitted calls are answered here. Anything this layer would refuse before doing any work (not JSON, invalid, no
-or a bad token, an unknown or forbidden model, a model of the other family, a stream) goes to Flask untouched, with the
-body it read, and Flask answers it: client errors have one author. The price: such a request is parsed, and a bad
-token verified, twice (the verifier caches only what it accepts). Once a call is admitted (a budget may be held), its errors
-are rendered here by the kit's renderer, in the route's shape.
+or a bad token, an unknown or forbidden model, a model of the other family, a stream) goes to Flask untouched, with
+the body it read, and Flask answers it: client errors have one author. The price: such a request is parsed, and a
+bad token verified, twice (the verifier caches only what it accepts). Once a call is admitted (a budget may be
+held), its errors are rendered here by the kit's renderer, in the route's shape.
 """
 
 from __future__ import annotations
