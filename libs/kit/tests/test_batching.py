@@ -31,6 +31,23 @@ class Store:
         return [item for batch in self.batches for item in batch]
 
 
+def add_from_threads(commit: GroupCommit[int], *, threads: int, each: int) -> list[int]:
+    """`each` items added by every one of `threads` threads started together; returns every item, sorted."""
+    start = threading.Barrier(threads)
+
+    def caller(base: int) -> None:
+        start.wait()
+        for n in range(each):
+            commit.add(base + n)
+
+    workers = [threading.Thread(target=caller, args=(i * 1000,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sorted(i * 1000 + n for i in range(threads) for n in range(each))
+
+
 def test_a_lone_item_is_written_before_add_returns() -> None:
     store = Store()
     commit = GroupCommit(store.write, name="test")
@@ -108,20 +125,9 @@ print(written)
 def test_concurrent_items_are_coalesced_and_each_written_once() -> None:
     store = Store(delay=0.005)
     commit = GroupCommit(store.write, name="test")
-    start = threading.Barrier(16)
-
-    def caller(base: int) -> None:
-        start.wait()
-        for n in range(50):
-            commit.add(base + n)
-
-    threads = [threading.Thread(target=caller, args=(i * 1000,)) for i in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    added = add_from_threads(commit, threads=16, each=50)
     # Every add has returned, and the last writer only stops when nothing is queued: all 800 are written.
-    assert sorted(store.items) == sorted(i * 1000 + n for i in range(16) for n in range(50))
+    assert sorted(store.items) == added
     assert len(store.batches) < 800, "concurrent adds must share writes"
     assert max(len(batch) for batch in store.batches) > 1
 
@@ -132,19 +138,8 @@ def test_callers_help_a_writer_that_falls_behind_instead_of_dropping_items() -> 
     nothing is dropped; every item is written once."""
     store = Store(delay=0.02)
     commit = GroupCommit(store.write, name="test", max_batch=10, max_pending=60)
-    start = threading.Barrier(8)
-
-    def caller(base: int) -> None:
-        start.wait()
-        for n in range(100):
-            commit.add(base + n)
-
-    threads = [threading.Thread(target=caller, args=(i * 1000,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(store.items) == sorted(i * 1000 + n for i in range(8) for n in range(100))
+    added = add_from_threads(commit, threads=8, each=100)
+    assert sorted(store.items) == added
     assert max(len(batch) for batch in store.batches) <= 10
 
 
