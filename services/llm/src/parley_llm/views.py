@@ -261,17 +261,15 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         state.ledger.reserve(ctx)
         if not body.stream:
             return plain(MESSAGES, ctx, raw)
-        beta = request.headers.get("anthropic-beta")
-        content = request.get_data() if ctx.deployment.upstream_model == body.model else _rename(raw, ctx.deployment)
         record = ctx.new_record(streamed=True)
         upstream = relay.start_stream(
             state.router,
             ctx,
             record,
             path=MESSAGES.upstream_path,
-            content=content,
+            content=_passed_on(ctx.deployment, raw, request.get_data()),
             settle=state.ledger.settle,
-            headers={"anthropic-beta": beta} if beta else None,
+            headers=_beta_headers(request.headers.get("anthropic-beta")),
         )
         return relayed(upstream, ctx, relay.AnthropicStreamMeter(record))
 
@@ -357,14 +355,13 @@ def plain_call(
 ) -> bytes:
     """A non-streamed call in the route's own API family: the client's bytes go on unchanged unless the model is
     renamed; the provider's answer comes back as it is."""
-    content = data if ctx.deployment.upstream_model == raw["model"] else _rename(raw, ctx.deployment)
     return relay.complete(
         state.router,
         ctx,
         path=route.upstream_path,
-        content=content,
+        content=_passed_on(ctx.deployment, raw, data),
         settle=settle,
-        headers={"anthropic-beta": beta} if beta else None,
+        headers=_beta_headers(beta),
     )
 
 
@@ -389,6 +386,14 @@ def context(
     )
 
 
-def _rename(raw: dict[str, Any], deployment: Deployment) -> bytes:
-    """The request body with the public model name replaced by the provider's."""
-    return orjson.dumps({**raw, "model": deployment.upstream_model})
+def _passed_on(deployment: Deployment, raw: dict[str, Any], data: bytes) -> bytes:
+    """The body for the provider: the client's bytes as sent, or re-encoded with the public model name replaced by
+    the provider's."""
+    return (
+        data if deployment.upstream_model == raw["model"] else orjson.dumps({**raw, "model": deployment.upstream_model})
+    )
+
+
+def _beta_headers(beta: str | None) -> dict[str, str] | None:
+    """The anthropic-beta header passed on to the provider, when the client sent one."""
+    return {"anthropic-beta": beta} if beta else None
