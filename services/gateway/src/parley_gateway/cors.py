@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .headers import SECURITY_HEADERS
-from .proxy import StartResponse, WSGIApp
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication
+
 
 ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 # What a browser client may read from an answer besides the CORS-safelisted headers.
@@ -33,7 +36,7 @@ class Cors:
     to an allowed origin, adds `Access-Control-Allow-Origin` and the exposed headers. Credentials (cookies) are not
     allowed: clients send keys and tokens in headers."""
 
-    def __init__(self, app: WSGIApp, *, origins: frozenset[str], max_age: int) -> None:
+    def __init__(self, app: WSGIApplication, *, origins: frozenset[str], max_age: int) -> None:
         self._app = app
         self._origins = origins
         self._max_age = str(max_age)

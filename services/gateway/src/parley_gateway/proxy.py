@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -36,10 +36,12 @@ from .metrics import AUTH_FAILURES, GATEWAY_OVERHEAD
 from .ratelimit import DefaultLimits, RateLimiter, Scope, UsageMeter
 from .routing import Route, Upstream
 
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication
+
+
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 CHUNK_SIZE = 64 * 1024
 # Answers with a Content-Length up to this size are read whole and returned in one write (no generator).
@@ -54,7 +56,7 @@ class Proxy:
 
     def __init__(
         self,
-        fallback: WSGIApp,
+        fallback: WSGIApplication,
         *,
         upstreams: Mapping[Upstream, ForwardClient],
         authenticator: EdgeAuthenticator,

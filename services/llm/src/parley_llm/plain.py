@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from werkzeug.wrappers import Response
@@ -33,14 +33,14 @@ from .catalog import Deployment
 from .telemetry import CallRecord
 from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call, shape_for_path
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication
 
 
 class PlainCalls:
     """WSGI app: admitted plain calls are answered here, every other request by `app` (Flask)."""
 
-    def __init__(self, app: WSGIApp, state: LlmState) -> None:
+    def __init__(self, app: WSGIApplication, state: LlmState) -> None:
         self._app = app
         self._state = state
 
