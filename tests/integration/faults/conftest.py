@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from parley_kit.processes import ServiceProcess, free_port, python_module
-from parley_kit.testing import LoopbackServer, PostgresServer, TokenMint
+from parley_kit.testing import LoopbackServer, PostgresServer, TokenMint, eventually
 from parley_platform import start_service
 
 if TYPE_CHECKING:
@@ -497,17 +497,17 @@ class OwnLlm:
     def usage(self, user: str, count: int = 1, seconds: float = 10) -> list[Any]:
         """The user's ledger rows, oldest first, once there are `count` (llm books a non-stream call after its answer
         has gone out, so a test that has its answer may be a moment early)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            rows = query(
+
+        def rows() -> list[Any]:
+            return query(
                 self.database_url,
                 "SELECT request_id, status, input_tokens, output_tokens, cost_usd FROM usage_records"
                 " WHERE user_id = :user ORDER BY id",
                 user=user,
             )
-            if len(rows) >= count or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.1)
+
+        eventually(lambda: len(rows()) >= count, seconds=seconds)
+        return rows()
 
 
 def start_own_llm(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from parley_kit.testing import TokenMint
+from parley_kit.testing import TokenMint, eventually
 
 from .conftest import (
     OwnLlm,
@@ -221,10 +221,6 @@ def test_request_cut_on_its_way_to_llm_is_answered_cleanly_and_never_charged_twi
 def until_rows(platform: RunningPlatform, client: Client, count: int, seconds: float = 10) -> list[tuple[str, int]]:
     """The client's ledger rows once `count` are there (llm settles a cut call when it notices; then 1 s more to
     catch a duplicate that would follow)."""
-    deadline = time.monotonic() + seconds
-    rows = ledger(platform, client)
-    while len(rows) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-        rows = ledger(platform, client)
+    eventually(lambda: len(ledger(platform, client)) >= count, seconds=seconds)
     time.sleep(1)
     return [(row.status, row.output_tokens) for row in ledger(platform, client)]
