@@ -173,6 +173,15 @@ def estimate_prompt_words(body: dict[str, Any]) -> int:
     return words
 
 
+def estimate_answer_words(data: dict[str, Any]) -> int:
+    """Output tokens estimated as words of an answer (an OpenAI completion's messages, an Anthropic message's text)."""
+    choices = data.get("choices")
+    if isinstance(choices, list):
+        messages = (choice.get("message") for choice in choices if isinstance(choice, dict))
+        return sum(_words(message.get("content")) for message in messages if isinstance(message, dict))
+    return _words(data.get("content"))
+
+
 def _words(content: Any) -> int:
     if isinstance(content, str):
         return len(content.split())
@@ -181,22 +190,61 @@ def _words(content: Any) -> int:
     return 0
 
 
-def read_usage(record: CallRecord, provider: Provider, data: Any) -> None:
-    """Copy the provider's usage and response model from a parsed (non-stream) answer into the record."""
+# The ledger's token columns are 32-bit: a count past this is garbage, and in a batched INSERT it would fail its batch.
+TOKEN_COUNT_LIMIT = 2**31 - 1
+MODEL_NAME_LIMIT = 128  # a response model names a metric label: an unbounded upstream string must not
+OPENAI_USAGE = ("prompt_tokens", "completion_tokens")
+ANTHROPIC_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
+def token_counts(usage: Any, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The named counts of a provider's usage object (absent or null ones are 0), or None when it is not an object or
+    a count is not one: a string, a bool, a fraction, a negative number, or one past the ledger's columns."""
+    if not isinstance(usage, dict):
+        return None
+    counts = []
+    for name in names:
+        value = usage.get(name)
+        if value is None:
+            value = 0
+        elif type(value) is not int or not 0 <= value <= TOKEN_COUNT_LIMIT:
+            return None
+        counts.append(value)
+    return tuple(counts)
+
+
+def anthropic_input(counts: tuple[int, ...]) -> int:
+    """An Anthropic usage's input tokens: uncached, cache writes and cache reads (`ANTHROPIC_USAGE` order)."""
+    return min(counts[0] + counts[1] + counts[2], TOKEN_COUNT_LIMIT)
+
+
+def model_name(value: Any) -> str:
+    """The model an answer names, or "" if it names none a label can carry."""
+    return value if isinstance(value, str) and len(value) <= MODEL_NAME_LIMIT else ""
+
+
+def read_usage(record: CallRecord, provider: Provider, data: Any, request: dict[str, Any]) -> None:
+    """Copy the provider's usage and response model from a parsed (non-stream) answer into the record. An answer
+    without usable usage is charged an estimate (words of the prompt and of the answer), never nothing."""
     if not isinstance(data, dict):
         raise UpstreamError(f"the {provider.value} provider answered with an unexpected body", code="upstream_garbage")
-    usage = data.get("usage") or {}
+    usage = data.get("usage")
     if provider is Provider.OPENAI:
-        record.input_tokens = int(usage.get("prompt_tokens") or 0)
-        record.output_tokens = int(usage.get("completion_tokens") or 0)
+        counts = token_counts(usage, OPENAI_USAGE)
+        if counts is not None:
+            record.input_tokens, record.output_tokens = counts
     else:
-        record.input_tokens = (
-            int(usage.get("input_tokens") or 0)
-            + int(usage.get("cache_creation_input_tokens") or 0)
-            + int(usage.get("cache_read_input_tokens") or 0)
+        counts = token_counts(usage, ANTHROPIC_USAGE)
+        if counts is not None:
+            record.input_tokens, record.output_tokens = anthropic_input(counts), counts[3]
+    if counts is None:
+        log.warning(
+            "the provider's answer has no usable usage: charged an estimate",
+            extra={"gen_ai.provider.name": provider.value, "usage": repr(usage)[:200]},
         )
-        record.output_tokens = int(usage.get("output_tokens") or 0)
-    record.response_model = str(data.get("model") or "")
+        record.input_tokens = estimate_prompt_words(request)
+        record.output_tokens = estimate_answer_words(data)
+    record.response_model = model_name(data.get("model"))
 
 
 def complete(
@@ -215,7 +263,7 @@ def complete(
         ctx.deployment, body = router.complete(ctx.deployment, path, content, headers=headers)
         routed_to(ctx, record)
         try:
-            read_usage(record, provider, orjson.loads(body))
+            read_usage(record, provider, orjson.loads(body), ctx.body)
         except orjson.JSONDecodeError:
             raise UpstreamError(
                 f"the {provider.value} provider answered with a malformed body", code="upstream_garbage"
@@ -223,6 +271,10 @@ def complete(
     except ParleyError as exc:
         record.status = "error"
         record.error_type = exc.code if exc.status >= 500 else str(exc.status)
+        settle(record)
+        raise
+    except Exception:  # a bug of ours: the call still gets its row and its reservation back
+        record.status, record.error_type = "error", "internal_error"
         settle(record)
         raise
     settle(record)
@@ -285,19 +337,22 @@ class OpenAIStreamMeter(StreamMeter):
         if "error" in chunk:
             self.failed = True
             return event
-        if not self.record.response_model and chunk.get("model"):
-            self.record.response_model = str(chunk["model"])
-        choices = chunk.get("choices") or ()
+        if not self.record.response_model:
+            self.record.response_model = model_name(chunk.get("model"))
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            choices = ()
         for choice in choices:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")):
                 self.chunks += 1
                 break
         usage = chunk.get("usage")
         if usage:
-            self.usage_seen = True
-            self.record.input_tokens = int(usage.get("prompt_tokens") or 0)
-            self.record.output_tokens = int(usage.get("completion_tokens") or 0)
+            counts = token_counts(usage, OPENAI_USAGE)
+            if counts is not None:  # else unusable: the stream is charged by its chunks and the prompt's words
+                self.usage_seen = True
+                self.record.input_tokens, self.record.output_tokens = counts
             if not choices and not self.client_wants_usage:
                 return None
         return event
@@ -323,19 +378,18 @@ class AnthropicStreamMeter(StreamMeter):
         if kind == "content_block_delta":
             self.chunks += 1
         elif kind == "message_start":
-            message = data.get("message") or {}
-            usage = message.get("usage") or {}
-            self.record.response_model = str(message.get("model") or "")
-            self.record.input_tokens = (
-                int(usage.get("input_tokens") or 0)
-                + int(usage.get("cache_creation_input_tokens") or 0)
-                + int(usage.get("cache_read_input_tokens") or 0)
-            )
+            message = data.get("message")
+            if isinstance(message, dict):
+                self.record.response_model = model_name(message.get("model"))
+                counts = token_counts(message.get("usage"), ANTHROPIC_USAGE)
+                if counts is not None:
+                    self.record.input_tokens = anthropic_input(counts)
         elif kind == "message_delta":
-            usage = data.get("usage") or {}
-            if "output_tokens" in usage:
+            usage = data.get("usage")
+            counts = token_counts(usage, ANTHROPIC_USAGE)
+            if counts is not None and usage.get("output_tokens") is not None:
                 self.usage_seen = True
-                self.record.output_tokens = int(usage["output_tokens"] or 0)
+                self.record.output_tokens = counts[3]
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
@@ -401,7 +455,13 @@ def _relay(
     provider = ctx.deployment.provider.value
     try:
         for event in sse_events(response, time.monotonic() + total_timeout):
-            out = meter.handle(event)
+            try:
+                out = meter.handle(event)
+            except Exception:  # an event no meter expected: end the stream with the format's error, not a cut
+                log.exception("a stream event could not be read", extra={"http.request.id": ctx.request_id})
+                record.status, record.error_type = "error", "upstream_garbage"
+                yield meter.error_event(f"the {provider} provider sent an unreadable event") + b"\n\n"
+                return
             if out is None:
                 continue
             if first_chunk is None:

@@ -18,7 +18,17 @@ import orjson
 from parley_kit.errors import BadRequest, UpstreamError
 
 from .catalog import Provider
-from .relay import AnthropicStreamMeter, OpenAIStreamMeter, StreamMeter, estimate_prompt_words, sse_data
+from .relay import (
+    ANTHROPIC_USAGE,
+    OPENAI_USAGE,
+    AnthropicStreamMeter,
+    OpenAIStreamMeter,
+    StreamMeter,
+    anthropic_input,
+    estimate_prompt_words,
+    sse_data,
+    token_counts,
+)
 from .telemetry import CallRecord
 
 # Where each family's chat endpoint lives below its SDK base URL.
@@ -471,10 +481,7 @@ def anthropic_to_openai_response(data: Any) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
-    usage = data.get("usage") or {}
-    cached = int(usage.get("cache_read_input_tokens") or 0)
-    prompt = int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0) + cached
-    completion = int(usage.get("output_tokens") or 0)
+    prompt, completion, cached = _anthropic_tokens(data.get("usage"))
     return {
         "id": chat_id(data.get("id")),
         "object": "chat.completion",
@@ -491,6 +498,20 @@ def anthropic_to_openai_response(data: Any) -> dict[str, Any]:
         "usage": _openai_usage(prompt, completion, cached),
         "system_fingerprint": None,
     }
+
+
+def _anthropic_tokens(usage: Any) -> tuple[int, int, int]:
+    """(prompt with its cache, completion, cache reads) of an Anthropic usage object; zeros if it is unusable."""
+    counts = token_counts(usage, ANTHROPIC_USAGE) or (0, 0, 0, 0)
+    return anthropic_input(counts), counts[3], counts[2]
+
+
+def _openai_tokens(usage: Any) -> tuple[int, int, int]:
+    """(prompt, completion, cached) of an OpenAI usage object; zeros if it is unusable."""
+    prompt, completion = token_counts(usage, OPENAI_USAGE) or (0, 0)
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    (cached,) = token_counts(details, ("cached_tokens",)) or (0,)
+    return prompt, completion, min(cached, prompt)
 
 
 def _openai_usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
@@ -519,8 +540,7 @@ def openai_to_anthropic_response(data: Any) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             arguments = {}  # a model's malformed arguments: Anthropic's shape has no place for the raw text
         content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments})
-    usage = data.get("usage") or {}
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    prompt, completion, cached = _openai_tokens(data.get("usage"))
     finish = choices[0].get("finish_reason")
     return {
         "id": message_id(data.get("id")),
@@ -531,8 +551,8 @@ def openai_to_anthropic_response(data: Any) -> dict[str, Any]:
         "stop_reason": FINISH_TO_STOP.get(finish or "stop", "end_turn"),
         "stop_sequence": None,
         "usage": {
-            "input_tokens": int(usage.get("prompt_tokens") or 0) - cached,
-            "output_tokens": int(usage.get("completion_tokens") or 0),
+            "input_tokens": prompt - cached,
+            "output_tokens": completion,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": cached,
         },
@@ -617,7 +637,7 @@ class AnthropicToOpenAIStream(_TranslatingMeter):
             message = data.get("message") or {}
             self.id = chat_id(message.get("id"))
             self.model = message.get("model") or self.model
-            self._read_usage(message.get("usage") or {})
+            self._read_usage(message.get("usage"))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -639,7 +659,7 @@ class AnthropicToOpenAIStream(_TranslatingMeter):
                 return [self._chunk({"tool_calls": [fragment]})]
             return []  # thinking, signatures, citations: nothing in OpenAI's chunk shape carries them
         if kind == "message_delta":
-            self._read_usage(data.get("usage") or {})
+            self._read_usage(data.get("usage"))
             stop = (data.get("delta") or {}).get("stop_reason") or "end_turn"
             return [self._chunk({}, STOP_TO_FINISH.get(stop, "stop"))]
         if kind == "message_stop":
@@ -663,15 +683,15 @@ class AnthropicToOpenAIStream(_TranslatingMeter):
             return [self._error(str(error.get("message") or "the provider failed"), error.get("type"))]
         return []  # ping, content_block_stop
 
-    def _read_usage(self, usage: dict[str, Any]) -> None:
+    def _read_usage(self, usage: Any) -> None:
         """message_start has the input; message_delta the cumulative output (and sometimes the input again)."""
+        counts = token_counts(usage, ANTHROPIC_USAGE)
+        if counts is None:
+            return
         if usage.get("input_tokens") is not None:
-            self.cached_tokens = int(usage.get("cache_read_input_tokens") or 0)
-            self.input_tokens = (
-                int(usage["input_tokens"]) + int(usage.get("cache_creation_input_tokens") or 0) + self.cached_tokens
-            )
+            self.input_tokens, self.cached_tokens = anthropic_input(counts), counts[2]
         if usage.get("output_tokens") is not None:
-            self.output_tokens = int(usage["output_tokens"])
+            self.output_tokens = counts[3]
 
     def _error(self, message: str, kind: Any = None) -> bytes:
         error_type = "rate_limit_error" if kind == "rate_limit_error" else "server_error"
@@ -774,17 +794,13 @@ class OpenAIToAnthropicStream(_TranslatingMeter):
         self.block = None
         self.blocks += 1
 
-    def _finish(self, out: list[bytes], usage: dict[str, Any] | None) -> None:
+    def _finish(self, out: list[bytes], usage: Any) -> None:
         """message_delta with the cumulative output and the real input count (the SDK keeps both)."""
         self.finished = True
         record = self.record
-        if usage:
-            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-            totals = {
-                "input_tokens": int(usage.get("prompt_tokens") or 0) - cached,
-                "output_tokens": int(usage.get("completion_tokens") or 0),
-                "cache_read_input_tokens": cached,
-            }
+        if token_counts(usage, OPENAI_USAGE) is not None:
+            prompt, completion, cached = _openai_tokens(usage)
+            totals = {"input_tokens": prompt - cached, "output_tokens": completion, "cache_read_input_tokens": cached}
         else:
             totals = {"input_tokens": record.input_tokens or self.input_estimate, "output_tokens": self.chunks}
         delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
@@ -827,9 +843,13 @@ class Bridge:
             raise UpstreamError(
                 f"the {self.upstream.value} provider answered with a malformed body", code="upstream_garbage"
             ) from None
-        if self.client is Provider.OPENAI:
-            return orjson.dumps(anthropic_to_openai_response(data))
-        return orjson.dumps(openai_to_anthropic_response(data))
+        convert = anthropic_to_openai_response if self.client is Provider.OPENAI else openai_to_anthropic_response
+        try:
+            return orjson.dumps(convert(data))
+        except (AttributeError, TypeError, ValueError):  # a field of an unexpected type, deep in the answer
+            raise UpstreamError(
+                f"the {self.upstream.value} provider answered with an unexpected body", code="upstream_garbage"
+            ) from None
 
     def stream_meter(self, record: CallRecord, body: dict[str, Any], *, redact: Redact = str) -> Any:
         """A meter for `relay.RelayedStream` that charges in the upstream's terms and speaks the client's format."""
