@@ -141,6 +141,9 @@ def test_usage_is_aggregated_per_day_and_model(client: Any) -> None:
         ),
         ("/v1/messages", message() | {"model": "nope"}, 404, "anthropic"),
         ("/v1/embeddings", {"model": "text-embedding-3-small"}, 400, "openai"),
+        (CHAT, chat() | {"stream": "false"}, 400, "openai"),
+        (CHAT, chat() | {"stream": 1}, 400, "openai"),
+        ("/v1/messages", message() | {"stream": "true"}, 400, "anthropic"),
     ],
 )
 def test_bad_requests_get_a_4xx_in_the_routes_shape(client: Any, path, payload, status, shape) -> None:  # type: ignore[no-untyped-def]

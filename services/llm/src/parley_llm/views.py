@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, g, request, stream_with_context
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from parley_kit import tracing
 from parley_kit.db import Database
@@ -62,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
+    stream: StrictBool = False  # as the providers: a string "false" is a 400, not a truthy stream flag
     stream_options: dict[str, Any] | None = None
 
 
@@ -83,7 +83,7 @@ class MessagesRequest(BaseModel):
     model: str = Field(min_length=1)
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int = Field(ge=1)
-    stream: bool = False
+    stream: StrictBool = False  # as the providers: a string "false" is a 400, not a truthy stream flag
 
 
 @dataclass(frozen=True, slots=True)
