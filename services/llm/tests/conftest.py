@@ -215,9 +215,24 @@ def spawn():  # type: ignore[no-untyped-def]
 
 RACE_USER = "race-user"
 DIME_MODELS = {
-    "prices": {"dime-gpt": {"input": 0, "output": 100000}},  # $0.10 per output token, input free
-    "models": {"dime-gpt": {"provider": "openai", "upstream_model": "gpt-4o-mini"}},
+    "prices": {  # $0.10 per output token, input free
+        "dime-gpt": {"input": 0, "output": 100000},
+        "dime-claude": {"input": 0, "output": 100000},
+    },
+    "models": {
+        "dime-gpt": {"provider": "openai", "upstream_model": "gpt-4o-mini"},
+        "dime-claude": {"provider": "anthropic", "upstream_model": "claude-haiku-4-5"},
+    },
 }
+
+
+@pytest.fixture(scope="session")
+def dime_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A models file of the dime models alone (price version `test-dime`): costs in tests are exact."""
+    path = tmp_path_factory.mktemp("prices") / "models.yaml"
+    prices = {"price_version": "test-dime", **DIME_MODELS["prices"]}
+    path.write_text(yaml.safe_dump({"prices": prices, "models": DIME_MODELS["models"]}))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -19,16 +19,6 @@ from parley_kit.testing import backend_killed_at
 from parley_llm import MIGRATIONS_DIR, budgets
 from parley_llm.budgets import Period, Scope
 
-DIME_MODELS = """
-prices:
-  price_version: test-dime
-  dime-gpt: {input: 0, output: 100000}
-  dime-claude: {input: 0, output: 100000}
-models:
-  dime-gpt: {provider: openai, upstream_model: gpt-4o-mini}
-  dime-claude: {provider: anthropic, upstream_model: claude-haiku-4-5}
-"""
-
 
 def dime_chat(text: str = "hello") -> dict:
     return {"model": "dime-gpt", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
@@ -36,13 +26,6 @@ def dime_chat(text: str = "hello") -> dict:
 
 def dime_message(text: str = "hello") -> dict:
     return {"model": "dime-claude", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
-
-
-@pytest.fixture(scope="module")
-def dime_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("prices") / "models.yaml"
-    path.write_text(DIME_MODELS)
-    return str(path)
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])

@@ -1,8 +1,8 @@
 """A provider that answers with unusable usage or an unexpected shape: the client gets its answer or the API's own
-error (never a 500 or a cut), the call gets its ledger row, and its budget reservation is released.
+error (never a bare 500 or a cut), the call gets its ledger row, and its budget reservation is released.
 
 The upstream is a loopback server of the test's own answering one canned body per test: the fake provider always
-tells the truth about usage. Prices as in test_budgets: one output token costs $0.10, input is free.
+tells the truth about usage. Prices are the dime models' (conftest): one output token costs $0.10, input is free.
 """
 
 from __future__ import annotations
@@ -14,21 +14,9 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import create_engine, text
 
-from parley_kit.db import upgrade
 from parley_kit.testing import LoopbackServer, eventually, read_http_request, send_json
-from parley_llm import MIGRATIONS_DIR
-
-PRICES = """
-prices:
-  price_version: test-dime
-  dime-gpt: {input: 0, output: 100000}
-  dime-claude: {input: 0, output: 100000}
-models:
-  dime-gpt: {provider: openai, upstream_model: gpt-4o-mini}
-  dime-claude: {provider: anthropic, upstream_model: claude-haiku-4-5}
-"""
+from parley_llm import relay
 
 ANSWER_WORDS = 3  # "one two three": what an answer without usable usage is charged as output
 PROMPT = "four words of prompt"
@@ -114,28 +102,20 @@ def upstream() -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="module")
-def database(postgres, tmp_path_factory: pytest.TempPathFactory) -> str:  # type: ignore[no-untyped-def]
-    url: str = postgres.create_database("llm_garbage")
-    upgrade(MIGRATIONS_DIR, url)
-    return url
-
-
-@pytest.fixture(scope="module")
-def garbage_app(make_app, database: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    prices = tmp_path_factory.mktemp("prices") / "models.yaml"
-    prices.write_text(PRICES)
+def garbage_app(make_app, dime_file: str, upstream: Upstream):  # type: ignore[no-untyped-def]
     return make_app(
-        database_url=database,
-        models_file=str(prices),
-        openai_base_url=f"{upstream.server.url}/v1",
-        anthropic_base_url=upstream.server.url,
+        models_file=dime_file, openai_base_url=f"{upstream.server.url}/v1", anthropic_base_url=upstream.server.url
     )
 
 
 @pytest.fixture
-def member(garbage_app, make_client, token_mint, user: str) -> Any:  # type: ignore[no-untyped-def]
-    """A member with a $10 budget of their own."""
-    admin = make_client(garbage_app, token_mint.mint("the-admin", roles=["admin"]))
+def admin(garbage_app, make_client, token_mint) -> Any:  # type: ignore[no-untyped-def]
+    return make_client(garbage_app, token_mint.mint("the-admin", roles=["admin"]))
+
+
+@pytest.fixture
+def member(garbage_app, admin, make_client, token_mint, user: str) -> Any:  # type: ignore[no-untyped-def]
+    """A member with a $10 budget of their own (their calls settle it with their row, one by one)."""
     put = admin._client.put(
         f"/v1/budgets/users/{user}", json={"limit_usd": "10", "period": "month"}, headers=admin.headers
     )
@@ -143,68 +123,76 @@ def member(garbage_app, make_client, token_mint, user: str) -> Any:  # type: ign
     return make_client(garbage_app, token_mint.mint(user))
 
 
-def ledger(database: str, user: str) -> tuple[list[dict[str, Any]], int, int]:
-    """(the user's usage rows, spent and reserved nano-USD of their budget)."""
-    engine = create_engine(database)
-    with engine.connect() as connection:
-        rows = [
-            dict(row)
-            for row in connection.execute(
-                text("SELECT * FROM usage_records WHERE user_id = :u ORDER BY id"), {"u": user}
-            ).mappings()
-        ]
-        spent, reserved = connection.execute(
-            text("SELECT spent_nusd, reserved_nusd FROM budgets WHERE subject_id = :u"), {"u": user}
-        ).one()
-    engine.dispose()
-    return rows, spent, reserved
-
-
-def settled(database: str, user: str, calls: int = 1) -> tuple[list[dict[str, Any]], int, int]:
-    """The ledger once `calls` rows are written and nothing is reserved any more (settlement may be detached)."""
-    assert eventually(lambda: (lambda r: len(r[0]) == calls and r[2] == 0)(ledger(database, user)), seconds=10)
-    return ledger(database, user)
+def settled(rows: Any, admin: Any, user: str) -> tuple[dict[str, Any], float]:
+    """The user's one ledger row and the budget spent (USD), once nothing is reserved (settlement may be detached)."""
+    budget = lambda: admin.get(f"/v1/budgets/users/{user}").get_json()  # noqa: E731
+    assert eventually(lambda: len(rows()) == 1 and budget()["reserved_usd"] == 0, seconds=10)
+    (row,) = rows()
+    return row, budget()["spent_usd"]
 
 
 def chat(model: str = "dime-gpt", **extra: Any) -> dict[str, Any]:
     return {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": PROMPT}], **extra}
 
 
+DIME = 0.1  # USD per output token
+
+
 @pytest.mark.parametrize("usage", UNUSABLE_OPENAI_USAGE, ids=repr)
 def test_unusable_openai_usage_is_passed_on_and_charged_an_estimate(
-    upstream: Upstream, member: Any, database: str, user: str, usage: Any
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str, usage: Any
 ) -> None:
     upstream.body, upstream.stream = chat_answer(usage), False
     response = member.post("/v1/chat/completions", json=chat())
     assert response.status_code == 200
     assert response.data == upstream.body  # the provider's bytes, unchanged
-    (row,), spent, _ = settled(database, user)
+    row, spent = settled(rows, admin, user)
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, ANSWER_WORDS)
-    assert spent == ANSWER_WORDS * 100_000_000 and row["cost_usd"] == Decimal("0.3")
+    assert spent == pytest.approx(ANSWER_WORDS * DIME) and row["cost_usd"] == Decimal("0.3")
 
 
 @pytest.mark.parametrize("usage", UNUSABLE_ANTHROPIC_USAGE, ids=repr)
 def test_unusable_anthropic_usage_is_passed_on_and_charged_an_estimate(
-    upstream: Upstream, member: Any, database: str, user: str, usage: Any
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str, usage: Any
 ) -> None:
     upstream.body, upstream.stream = message_answer(usage), False
     response = member.post("/v1/messages", json=chat("dime-claude"))
     assert response.status_code == 200 and response.data == upstream.body
-    (row,), spent, _ = settled(database, user)
+    row, spent = settled(rows, admin, user)
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, ANSWER_WORDS)
-    assert spent == ANSWER_WORDS * 100_000_000
+    assert spent == pytest.approx(ANSWER_WORDS * DIME)
 
 
-def test_usable_usage_is_charged_as_told(upstream: Upstream, member: Any, database: str, user: str) -> None:
+def test_tool_calls_count_in_the_estimate(upstream: Upstream, member: Any, admin: Any, rows: Any, user: str) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    upstream.body = chat_answer({}, choices=[{"message": {"content": None, "tool_calls": [call]}}])
+    upstream.stream = False
+    assert member.post("/v1/chat/completions", json=chat()).status_code == 200
+    row, _ = settled(rows, admin, user)
+    assert (row["input_tokens"], row["output_tokens"]) == (4, 2)
+
+
+def test_usable_usage_is_charged_as_told(upstream: Upstream, member: Any, admin: Any, rows: Any, user: str) -> None:
     """The control: the same answer with real counts is charged those counts, not an estimate."""
     upstream.body, upstream.stream = chat_answer({"prompt_tokens": 11, "completion_tokens": 2}), False
     assert member.post("/v1/chat/completions", json=chat()).status_code == 200
-    (row,), spent, _ = settled(database, user)
-    assert (row["input_tokens"], row["output_tokens"], spent) == (11, 2, 200_000_000)
+    row, spent = settled(rows, admin, user)
+    assert (row["input_tokens"], row["output_tokens"], spent) == (11, 2, pytest.approx(2 * DIME))
+
+
+def test_a_call_without_a_budget_gets_its_estimated_row_too(
+    upstream: Upstream, garbage_app: Any, make_client: Any, token_mint: Any, rows: Any, user: str
+) -> None:
+    """No budget: the row goes through the batched INSERT (one bad count must not fail a batch of others)."""
+    upstream.body, upstream.stream = chat_answer({"prompt_tokens": 1, "completion_tokens": 2**40}), False
+    client = make_client(garbage_app, token_mint.mint(user))
+    assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+    assert eventually(lambda: len(rows()) == 1, seconds=10)
+    assert (rows()[0]["input_tokens"], rows()[0]["output_tokens"]) == (4, ANSWER_WORDS)
 
 
 def test_translated_answer_with_unusable_usage_says_zero_and_is_charged_an_estimate(
-    upstream: Upstream, member: Any, database: str, user: str
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
 ) -> None:
     upstream.body, upstream.stream = message_answer({"input_tokens": "x", "output_tokens": 3}), False
     response = member.post("/v1/chat/completions", json=chat("dime-claude"))
@@ -212,20 +200,23 @@ def test_translated_answer_with_unusable_usage_says_zero_and_is_charged_an_estim
     answer = response.get_json()
     assert answer["choices"][0]["message"]["content"] == "one two three"
     assert answer["usage"]["prompt_tokens"] == 0 and answer["usage"]["completion_tokens"] == 0
-    (row,), spent, _ = settled(database, user)
-    assert (row["input_tokens"], row["output_tokens"], spent) == (4, ANSWER_WORDS, 300_000_000)
+    row, spent = settled(rows, admin, user)
+    assert (row["input_tokens"], row["output_tokens"], spent) == (4, ANSWER_WORDS, pytest.approx(ANSWER_WORDS * DIME))
 
 
 @pytest.mark.parametrize(
     ("model", "body"),
     [
         ("dime-claude", message_answer({"input_tokens": 1, "output_tokens": 1}, stop_reason=["end_turn"])),
-        ("dime-gpt", chat_answer(None, choices=[{"message": {"content": None, "tool_calls": ["x"]}}])),
+        (
+            "dime-gpt",
+            chat_answer({"prompt_tokens": 1, "completion_tokens": 1}, choices=[{"message": {"tool_calls": ["x"]}}]),
+        ),
     ],
     ids=["anthropic-to-openai", "openai-to-anthropic"],
 )
-def test_untranslatable_answer_is_a_502_in_the_clients_shape(
-    upstream: Upstream, member: Any, database: str, user: str, model: str, body: bytes
+def test_untranslatable_answer_is_a_502_in_the_clients_shape_and_not_charged(
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str, model: str, body: bytes
 ) -> None:
     upstream.body, upstream.stream = body, False
     route = "/v1/chat/completions" if model == "dime-claude" else "/v1/messages"
@@ -236,8 +227,24 @@ def test_untranslatable_answer_is_a_502_in_the_clients_shape(
         assert error["type"] == "error" and error["error"]["type"] == "api_error"
     else:
         assert set(error) == {"error"} and "unexpected body" in error["error"]["message"]
-    rows, _, reserved = settled(database, user)
-    assert reserved == 0 and len(rows) == 1
+    row, spent = settled(rows, admin, user)
+    assert row["status"] == "error" and row["output_tokens"] == 0 and spent == 0
+
+
+def test_an_unexpected_error_still_settles_the_call(
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of ours while reading an answer (simulated): a 500 in the API's shape, and the reservation released."""
+
+    def broken(*_args: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(relay, "read_usage", broken)
+    upstream.body, upstream.stream = chat_answer({"prompt_tokens": 1, "completion_tokens": 1}), False
+    response = member.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 500 and response.get_json()["error"]["type"]
+    row, spent = settled(rows, admin, user)
+    assert row["status"] == "error" and spent == 0
 
 
 def stream_chunk(**chunk: Any) -> bytes:
@@ -245,8 +252,12 @@ def stream_chunk(**chunk: Any) -> bytes:
     return b"data: " + orjson.dumps({**base, **chunk})
 
 
-def test_stream_with_unusable_usage_is_charged_by_its_chunks(
-    upstream: Upstream, member: Any, database: str, user: str
+def named(event: str, **data: Any) -> bytes:
+    return b"event: %s\ndata: %s" % (event.encode(), orjson.dumps({"type": event, **data}))
+
+
+def test_openai_stream_with_unusable_usage_is_charged_by_its_chunks(
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
 ) -> None:
     upstream.stream = True
     upstream.body = sse(
@@ -259,16 +270,39 @@ def test_stream_with_unusable_usage_is_charged_by_its_chunks(
     response = member.post("/v1/chat/completions", json=chat(stream=True))
     assert response.status_code == 200
     assert b'"error"' not in response.data and response.data.endswith(b"data: [DONE]\n\n")
-    (row,), spent, _ = settled(database, user)
+    row, spent = settled(rows, admin, user)
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, 2)
-    assert spent == 2 * 100_000_000
+    assert spent == pytest.approx(2 * DIME)
+
+
+def test_anthropic_stream_with_unusable_usage_is_charged_by_its_chunks(
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
+) -> None:
+    upstream.stream = True
+    message = {"id": "msg_s", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": []}
+    delta = {"type": "text_delta", "text": "word "}
+    upstream.body = sse(
+        named("message_start", message={**message, "usage": {"input_tokens": "x"}}),
+        named("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        named("content_block_delta", index=0, delta=delta),
+        named("content_block_delta", index=0, delta=delta),
+        named("content_block_stop", index=0),
+        named("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": -1}),
+        named("message_stop"),
+    )
+    response = member.post("/v1/messages", json=chat("dime-claude", stream=True))
+    assert response.status_code == 200 and b"event: error" not in response.data
+    row, spent = settled(rows, admin, user)
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, 2)
+    assert spent == pytest.approx(2 * DIME)
 
 
 def test_stream_event_that_cannot_be_translated_ends_with_an_error_event(
-    upstream: Upstream, member: Any, database: str, user: str
+    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
 ) -> None:
     """An OpenAI stream translated for an Anthropic client, whose tool call is not an object: the client gets the
-    events so far and Anthropic's error event (not a cut connection); the call is recorded as an error."""
+    events so far and Anthropic's error event (not a cut connection); the call is an error, charged the one delta
+    that was sent."""
     upstream.stream = True
     upstream.body = sse(
         stream_chunk(choices=[{"index": 0, "delta": {"content": "one"}}]),
@@ -281,5 +315,5 @@ def test_stream_event_that_cannot_be_translated_ends_with_an_error_event(
     events = response.data.decode()
     assert "event: content_block_delta" in events and "never sent" not in events
     assert events.rstrip().split("\n\n")[-1].startswith("event: error\ndata: ")
-    (row,), _, _ = settled(database, user)
-    assert row["status"] == "error"
+    row, spent = settled(rows, admin, user)
+    assert (row["status"], row["output_tokens"]) == ("error", 1) and spent == pytest.approx(DIME)

@@ -369,9 +369,9 @@ def test_openai_answer_as_anthropic(finish_reason: str, stop_reason: str) -> Non
 def test_unexpected_upstream_bodies_are_a_502() -> None:
     bridge = translate.bridge(Provider.OPENAI, Provider.ANTHROPIC)
     assert bridge is not None
-    for content in (b"not json", b"[]", b'{"content": 3}'):
+    for data in ("not an object", [], {"content": 3}, {"content": [], "stop_reason": ["end_turn"]}):
         with pytest.raises(UpstreamError):
-            bridge.response(content)
+            bridge.response(data)
     with pytest.raises(UpstreamError):
         translate.openai_to_anthropic_response({"choices": []})
     assert translate.bridge(Provider.OPENAI, Provider.OPENAI) is None

@@ -174,12 +174,31 @@ def estimate_prompt_words(body: dict[str, Any]) -> int:
 
 
 def estimate_answer_words(data: dict[str, Any]) -> int:
-    """Output tokens estimated as words of an answer (an OpenAI completion's messages, an Anthropic message's text)."""
+    """Output tokens estimated as words of an answer: an OpenAI completion's text, refusals and tool-call arguments;
+    an Anthropic message's text and tool inputs."""
     choices = data.get("choices")
     if isinstance(choices, list):
-        messages = (choice.get("message") for choice in choices if isinstance(choice, dict))
-        return sum(_words(message.get("content")) for message in messages if isinstance(message, dict))
-    return _words(data.get("content"))
+        words = 0
+        for choice in choices:
+            message = _dig(choice, "message")
+            words += _words(_dig(message, "content")) + _words(_dig(message, "refusal"))
+            calls = _dig(message, "tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                words += _words(_dig(call, "function", "arguments"))
+        return words
+    blocks = data.get("content")
+    words = _words(blocks)
+    for block in blocks if isinstance(blocks, list) else ():
+        if _dig(block, "type") == "tool_use":
+            words += _words(orjson.dumps(block.get("input")).decode())
+    return words
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    """`value[key][key]…`, or None where a level is missing or not an object (an upstream's answer, unchecked)."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _words(content: Any) -> int:
@@ -193,29 +212,46 @@ def _words(content: Any) -> int:
 # The ledger's token columns are 32-bit: a count past this is garbage, and in a batched INSERT it would fail its batch.
 TOKEN_COUNT_LIMIT = 2**31 - 1
 MODEL_NAME_LIMIT = 128  # a response model names a metric label: an unbounded upstream string must not
-OPENAI_USAGE = ("prompt_tokens", "completion_tokens")
-ANTHROPIC_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 
 
-def token_counts(usage: Any, names: tuple[str, ...]) -> tuple[int, ...] | None:
-    """The named counts of a provider's usage object (absent or null ones are 0), or None when it is not an object or
-    a count is not one: a string, a bool, a fraction, a negative number, or one past the ledger's columns."""
+def _counts(usage: Any, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The named counts of a usage object (absent or null ones are 0), or None when it is not an object, names none
+    of them, or a count is not one: a string, a bool, a fraction, a negative number, or one past the ledger's
+    columns."""
     if not isinstance(usage, dict):
         return None
-    counts = []
+    counts, named = [], False
     for name in names:
         value = usage.get(name)
         if value is None:
             value = 0
         elif type(value) is not int or not 0 <= value <= TOKEN_COUNT_LIMIT:
             return None
+        else:
+            named = True
         counts.append(value)
-    return tuple(counts)
+    return tuple(counts) if named else None
 
 
-def anthropic_input(counts: tuple[int, ...]) -> int:
-    """An Anthropic usage's input tokens: uncached, cache writes and cache reads (`ANTHROPIC_USAGE` order)."""
-    return min(counts[0] + counts[1] + counts[2], TOKEN_COUNT_LIMIT)
+def openai_tokens(usage: Any) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) tokens of an OpenAI usage object, or None when it is unusable (`_counts`)."""
+    counts = _counts(usage, ("prompt_tokens", "completion_tokens"))
+    if counts is None:
+        return None
+    prompt, completion = counts
+    (cached,) = _counts(_dig(usage, "prompt_tokens_details"), ("cached_tokens",)) or (0,)
+    return prompt, completion, min(cached, prompt)
+
+
+def anthropic_tokens(usage: Any) -> tuple[int, int, int] | None:
+    """(input with cache writes and reads, output, cache reads) tokens of an Anthropic usage object, or None when it is
+    unusable (`_counts`, or its input's parts sum past the ledger's columns)."""
+    counts = _counts(usage, ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    if counts is None:
+        return None
+    uncached, output, written, read = counts
+    total_input = uncached + written + read
+    return (total_input, output, read) if total_input <= TOKEN_COUNT_LIMIT else None
 
 
 def model_name(value: Any) -> str:
@@ -223,28 +259,19 @@ def model_name(value: Any) -> str:
     return value if isinstance(value, str) and len(value) <= MODEL_NAME_LIMIT else ""
 
 
-def read_usage(record: CallRecord, provider: Provider, data: Any, request: dict[str, Any]) -> None:
-    """Copy the provider's usage and response model from a parsed (non-stream) answer into the record. An answer
-    without usable usage is charged an estimate (words of the prompt and of the answer), never nothing."""
+def read_usage(record: CallRecord, provider: Provider, data: Any, request: dict[str, Any]) -> bool:
+    """Copy the provider's usage and response model from a parsed (non-stream) answer into the record; False when the
+    answer has no usable usage, which is then charged an estimate (words of the prompt and of the answer)."""
     if not isinstance(data, dict):
         raise UpstreamError(f"the {provider.value} provider answered with an unexpected body", code="upstream_garbage")
-    usage = data.get("usage")
-    if provider is Provider.OPENAI:
-        counts = token_counts(usage, OPENAI_USAGE)
-        if counts is not None:
-            record.input_tokens, record.output_tokens = counts
-    else:
-        counts = token_counts(usage, ANTHROPIC_USAGE)
-        if counts is not None:
-            record.input_tokens, record.output_tokens = anthropic_input(counts), counts[3]
-    if counts is None:
-        log.warning(
-            "the provider's answer has no usable usage: charged an estimate",
-            extra={"gen_ai.provider.name": provider.value, "usage": repr(usage)[:200]},
-        )
-        record.input_tokens = estimate_prompt_words(request)
-        record.output_tokens = estimate_answer_words(data)
     record.response_model = model_name(data.get("model"))
+    usage = data.get("usage")
+    tokens = openai_tokens(usage) if provider is Provider.OPENAI else anthropic_tokens(usage)
+    if tokens is None:
+        record.input_tokens, record.output_tokens = estimate_prompt_words(request), estimate_answer_words(data)
+        return False
+    record.input_tokens, record.output_tokens = tokens[0], tokens[1]
+    return True
 
 
 def complete(
@@ -255,19 +282,32 @@ def complete(
     content: bytes,
     settle: Callable[[CallRecord], None],
     headers: dict[str, str] | None = None,
+    convert: Callable[[Any], bytes] | None = None,
 ) -> bytes:
-    """A non-streamed call: the provider's bytes, unchanged; usage parsed and handed to `settle`."""
+    """A non-streamed call: the provider's bytes, unchanged (or `convert`ed from the parsed answer, for a client of
+    the other API family); usage parsed and handed to `settle`. An answer that cannot be read or converted is a 502,
+    settled as an error with nothing charged."""
     record = ctx.new_record()
     provider = ctx.deployment.provider
     try:
         ctx.deployment, body = router.complete(ctx.deployment, path, content, headers=headers)
         routed_to(ctx, record)
         try:
-            read_usage(record, provider, orjson.loads(body), ctx.body)
+            data = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(
                 f"the {provider.value} provider answered with a malformed body", code="upstream_garbage"
             ) from None
+        answer = body if convert is None else convert(data)
+        if not read_usage(record, provider, data, ctx.body):
+            log.warning(
+                "the provider's answer has no usable usage: charged an estimate",
+                extra={
+                    "http.request.id": ctx.request_id,
+                    "gen_ai.provider.name": provider.value,
+                    "parley.usage_type": type(data.get("usage")).__name__,
+                },
+            )
     except ParleyError as exc:
         record.status = "error"
         record.error_type = exc.code if exc.status >= 500 else str(exc.status)
@@ -278,7 +318,7 @@ def complete(
         settle(record)
         raise
     settle(record)
-    return body
+    return answer
 
 
 class StreamMeter:
@@ -349,10 +389,10 @@ class OpenAIStreamMeter(StreamMeter):
                 break
         usage = chunk.get("usage")
         if usage:
-            counts = token_counts(usage, OPENAI_USAGE)
-            if counts is not None:  # else unusable: the stream is charged by its chunks and the prompt's words
+            tokens = openai_tokens(usage)
+            if tokens is not None:  # else unusable: the stream is charged by its chunks and the prompt's words
                 self.usage_seen = True
-                self.record.input_tokens, self.record.output_tokens = counts
+                self.record.input_tokens, self.record.output_tokens = tokens[0], tokens[1]
             if not choices and not self.client_wants_usage:
                 return None
         return event
@@ -381,15 +421,15 @@ class AnthropicStreamMeter(StreamMeter):
             message = data.get("message")
             if isinstance(message, dict):
                 self.record.response_model = model_name(message.get("model"))
-                counts = token_counts(message.get("usage"), ANTHROPIC_USAGE)
-                if counts is not None:
-                    self.record.input_tokens = anthropic_input(counts)
+                tokens = anthropic_tokens(message.get("usage"))
+                if tokens is not None:
+                    self.record.input_tokens = tokens[0]
         elif kind == "message_delta":
             usage = data.get("usage")
-            counts = token_counts(usage, ANTHROPIC_USAGE)
-            if counts is not None and usage.get("output_tokens") is not None:
+            tokens = anthropic_tokens(usage)
+            if tokens is not None and usage.get("output_tokens") is not None:
                 self.usage_seen = True
-                self.record.output_tokens = counts[3]
+                self.record.output_tokens = tokens[1]
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":

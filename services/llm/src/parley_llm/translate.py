@@ -19,15 +19,13 @@ from parley_kit.errors import BadRequest, UpstreamError
 
 from .catalog import Provider
 from .relay import (
-    ANTHROPIC_USAGE,
-    OPENAI_USAGE,
     AnthropicStreamMeter,
     OpenAIStreamMeter,
     StreamMeter,
-    anthropic_input,
+    anthropic_tokens,
     estimate_prompt_words,
+    openai_tokens,
     sse_data,
-    token_counts,
 )
 from .telemetry import CallRecord
 
@@ -481,7 +479,8 @@ def anthropic_to_openai_response(data: Any) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
-    prompt, completion, cached = _anthropic_tokens(data.get("usage"))
+    # Unusable usage shows as zeros: the ledger charges an estimate, which is not the provider's count.
+    prompt, completion, cached = anthropic_tokens(data.get("usage")) or (0, 0, 0)
     return {
         "id": chat_id(data.get("id")),
         "object": "chat.completion",
@@ -498,20 +497,6 @@ def anthropic_to_openai_response(data: Any) -> dict[str, Any]:
         "usage": _openai_usage(prompt, completion, cached),
         "system_fingerprint": None,
     }
-
-
-def _anthropic_tokens(usage: Any) -> tuple[int, int, int]:
-    """(prompt with its cache, completion, cache reads) of an Anthropic usage object; zeros if it is unusable."""
-    counts = token_counts(usage, ANTHROPIC_USAGE) or (0, 0, 0, 0)
-    return anthropic_input(counts), counts[3], counts[2]
-
-
-def _openai_tokens(usage: Any) -> tuple[int, int, int]:
-    """(prompt, completion, cached) of an OpenAI usage object; zeros if it is unusable."""
-    prompt, completion = token_counts(usage, OPENAI_USAGE) or (0, 0)
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    (cached,) = token_counts(details, ("cached_tokens",)) or (0,)
-    return prompt, completion, min(cached, prompt)
 
 
 def _openai_usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
@@ -540,7 +525,7 @@ def openai_to_anthropic_response(data: Any) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             arguments = {}  # a model's malformed arguments: Anthropic's shape has no place for the raw text
         content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments})
-    prompt, completion, cached = _openai_tokens(data.get("usage"))
+    prompt, completion, cached = openai_tokens(data.get("usage")) or (0, 0, 0)
     finish = choices[0].get("finish_reason")
     return {
         "id": message_id(data.get("id")),
@@ -596,8 +581,13 @@ class _TranslatingMeter:
 
     def handle(self, event: bytes) -> bytes | None:
         """The client's events (joined, without the final blank line) for one upstream event, or None."""
+        chunks = self.inner.chunks
         self.inner.handle(event)
-        out = self.translate(_event_data(event))
+        try:
+            out = self.translate(_event_data(event))
+        except Exception:
+            self.inner.chunks = chunks  # an event never sent is not charged as a chunk
+            raise
         return b"\n\n".join(out) if out else None
 
     def translate(self, data: Any) -> list[bytes]:
@@ -685,13 +675,13 @@ class AnthropicToOpenAIStream(_TranslatingMeter):
 
     def _read_usage(self, usage: Any) -> None:
         """message_start has the input; message_delta the cumulative output (and sometimes the input again)."""
-        counts = token_counts(usage, ANTHROPIC_USAGE)
-        if counts is None:
+        tokens = anthropic_tokens(usage)
+        if tokens is None:
             return
         if usage.get("input_tokens") is not None:
-            self.input_tokens, self.cached_tokens = anthropic_input(counts), counts[2]
+            self.input_tokens, self.cached_tokens = tokens[0], tokens[2]
         if usage.get("output_tokens") is not None:
-            self.output_tokens = counts[3]
+            self.output_tokens = tokens[1]
 
     def _error(self, message: str, kind: Any = None) -> bytes:
         error_type = "rate_limit_error" if kind == "rate_limit_error" else "server_error"
@@ -798,8 +788,9 @@ class OpenAIToAnthropicStream(_TranslatingMeter):
         """message_delta with the cumulative output and the real input count (the SDK keeps both)."""
         self.finished = True
         record = self.record
-        if token_counts(usage, OPENAI_USAGE) is not None:
-            prompt, completion, cached = _openai_tokens(usage)
+        tokens = openai_tokens(usage)
+        if tokens is not None:
+            prompt, completion, cached = tokens
             totals = {"input_tokens": prompt - cached, "output_tokens": completion, "cache_read_input_tokens": cached}
         else:
             totals = {"input_tokens": record.input_tokens or self.input_estimate, "output_tokens": self.chunks}
@@ -835,14 +826,8 @@ class Bridge:
             return orjson.dumps(openai_to_anthropic_request(body, model=model))
         return orjson.dumps(anthropic_to_openai_request(body, model=model))
 
-    def response(self, content: bytes) -> bytes:
-        """The upstream's (non-stream) answer in the client's format."""
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"the {self.upstream.value} provider answered with a malformed body", code="upstream_garbage"
-            ) from None
+    def response(self, data: Any) -> bytes:
+        """The upstream's parsed (non-stream) answer in the client's format."""
         convert = anthropic_to_openai_response if self.client is Provider.OPENAI else openai_to_anthropic_response
         try:
             return orjson.dumps(convert(data))

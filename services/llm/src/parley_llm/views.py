@@ -182,8 +182,15 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         # Reserve only once the request is known to be translatable: a 400 here must not hold budget.
         state.ledger.reserve(ctx)
         if not raw.get("stream"):
-            answer = relay.complete(state.router, ctx, path=bridge.path, content=content, settle=deferred_settle(ctx))
-            return Response(bridge.response(answer), mimetype="application/json")
+            answer = relay.complete(
+                state.router,
+                ctx,
+                path=bridge.path,
+                content=content,
+                settle=deferred_settle(ctx),
+                convert=bridge.response,
+            )
+            return Response(answer, mimetype="application/json")
         record = ctx.new_record(streamed=True)
         upstream = relay.start_stream(
             state.router, ctx, record, path=bridge.path, content=content, settle=state.ledger.settle
