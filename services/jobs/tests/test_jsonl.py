@@ -36,6 +36,7 @@ def test_a_utf8_bom_is_accepted() -> None:
         ({**chat_line("x"), "body": "text"}, "invalid_body", "body must be a JSON object"),
         ({**chat_line("x"), "body": {"messages": []}}, "missing_model", "body.model"),
         (chat_line("x", stream=True), "invalid_body", "stream"),
+        (chat_line("x", stream="false"), "invalid_body", "stream"),
         ({**chat_line("x"), "extra": 1}, "invalid_json_line", "unknown field"),
     ],
 )

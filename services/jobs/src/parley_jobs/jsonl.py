@@ -50,10 +50,8 @@ def parse_request_line(number: int, raw: bytes) -> RequestLine:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _line_error(number, "body.model must be a non-empty string", "missing_model")
-    if body.get("stream") is True:
-        raise _line_error(
-            number, "streaming is not supported in a batch (body.stream must not be true)", "invalid_body"
-        )
+    if body.get("stream", False) is not False:  # true, or a non-boolean llm would refuse at run time
+        raise _line_error(number, "streaming is not supported in a batch (body.stream must be false)", "invalid_body")
     unknown = set(item) - {"custom_id", "method", "url", "body"}
     if unknown:
         raise _line_error(number, f"unknown field {sorted(unknown)[0]!r}", "invalid_json_line")
