@@ -54,7 +54,7 @@ def test_latency_between_llm_and_upstream_slows_but_never_breaks(
     user = f"faults-lat-{uuid.uuid4().hex[:8]}"
     token = token_mint.mint(user)
     started = time.monotonic()
-    answers = [call(raw_llm, token, api, "", stream=stream) for api in ("openai", "anthropic") for stream in (0, 1)]
+    answers = [call(raw_llm, token, api, "", stream=s) for api in ("openai", "anthropic") for s in (False, True)]
     elapsed = time.monotonic() - started
     assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
     assert content_deltas("openai", sse(answers[1])) == 16 and content_deltas("anthropic", sse(answers[3])) == 16
