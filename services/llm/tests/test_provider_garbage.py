@@ -256,32 +256,20 @@ def named(event: str, **data: Any) -> bytes:
     return b"event: %s\ndata: %s" % (event.encode(), orjson.dumps({"type": event, **data}))
 
 
-def test_openai_stream_with_unusable_usage_is_charged_by_its_chunks(
-    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
-) -> None:
-    upstream.stream = True
-    upstream.body = sse(
+def openai_stream_with_unusable_usage() -> bytes:
+    return sse(
         stream_chunk(choices=[{"index": 0, "delta": {"content": "one "}}]),
         stream_chunk(choices=["not a choice", {"index": 0, "delta": ["nor a delta"]}]),
         stream_chunk(choices=[{"index": 0, "delta": {"content": "two"}}]),
         stream_chunk(choices=[], usage={"prompt_tokens": "many", "completion_tokens": -1}),
         b"data: [DONE]",
     )
-    response = member.post("/v1/chat/completions", json=chat(stream=True))
-    assert response.status_code == 200
-    assert b'"error"' not in response.data and response.data.endswith(b"data: [DONE]\n\n")
-    row, spent = settled(rows, admin, user)
-    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, 2)
-    assert spent == pytest.approx(2 * DIME)
 
 
-def test_anthropic_stream_with_unusable_usage_is_charged_by_its_chunks(
-    upstream: Upstream, member: Any, admin: Any, rows: Any, user: str
-) -> None:
-    upstream.stream = True
+def anthropic_stream_with_unusable_usage() -> bytes:
     message = {"id": "msg_s", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": []}
     delta = {"type": "text_delta", "text": "word "}
-    upstream.body = sse(
+    return sse(
         named("message_start", message={**message, "usage": {"input_tokens": "x"}}),
         named("content_block_start", index=0, content_block={"type": "text", "text": ""}),
         named("content_block_delta", index=0, delta=delta),
@@ -290,8 +278,30 @@ def test_anthropic_stream_with_unusable_usage_is_charged_by_its_chunks(
         named("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": -1}),
         named("message_stop"),
     )
-    response = member.post("/v1/messages", json=chat("dime-claude", stream=True))
-    assert response.status_code == 200 and b"event: error" not in response.data
+
+
+@pytest.mark.parametrize(
+    ("route", "model", "events", "error_marker"),
+    [
+        ("/v1/chat/completions", "dime-gpt", openai_stream_with_unusable_usage(), b'"error"'),
+        ("/v1/messages", "dime-claude", anthropic_stream_with_unusable_usage(), b"event: error"),
+    ],
+    ids=["openai", "anthropic"],
+)
+def test_stream_with_unusable_usage_is_charged_by_its_chunks(
+    upstream: Upstream,
+    member: Any,
+    admin: Any,
+    rows: Any,
+    user: str,
+    route: str,
+    model: str,
+    events: bytes,
+    error_marker: bytes,
+) -> None:
+    upstream.body, upstream.stream = events, True
+    response = member.post(route, json=chat(model, stream=True))
+    assert response.status_code == 200 and error_marker not in response.data
     row, spent = settled(rows, admin, user)
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 4, 2)
     assert spent == pytest.approx(2 * DIME)
