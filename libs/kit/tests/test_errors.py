@@ -13,6 +13,17 @@ from parley_kit import errors
 from parley_kit.errors import ErrorShape
 
 
+def test_provider_api_shape_by_path() -> None:
+    """Anthropic on /v1/messages…, OpenAI on the rest of /v1, problem+json elsewhere (the gateway's and llm's)."""
+    assert errors.provider_api_shape("/v1/messages") is ErrorShape.ANTHROPIC
+    assert errors.provider_api_shape("/v1/messages/batches") is ErrorShape.ANTHROPIC
+    assert errors.provider_api_shape("/v1/chat/completions") is ErrorShape.OPENAI
+    assert errors.provider_api_shape("/v1/nothing") is ErrorShape.OPENAI
+    assert errors.provider_api_shape("/v1") is ErrorShape.OPENAI
+    assert errors.provider_api_shape("/auth/token") is ErrorShape.PROBLEM
+    assert errors.provider_api_shape("/readyz") is ErrorShape.PROBLEM
+
+
 def test_openai_shape() -> None:
     body = errors.error_body(ErrorShape.OPENAI, errors.BadRequest("model is required", param="model"))
     assert body == {

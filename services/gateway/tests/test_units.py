@@ -80,13 +80,6 @@ def test_not_proxied(path: str) -> None:
     assert routing.match(path) is None
 
 
-def test_shape_for_path() -> None:
-    """Anthropic on /v1/messages…, OpenAI on other /v1/…, problem+json elsewhere."""
-    assert routing.shape_for_path("/v1/messages/batches") is ErrorShape.ANTHROPIC
-    assert routing.shape_for_path("/v1/nothing") is ErrorShape.OPENAI
-    assert routing.shape_for_path("/auth/token") is ErrorShape.PROBLEM
-
-
 def environ(**headers: str) -> dict[str, str]:
     """A WSGI environ holding these headers (`x_api_key=` → HTTP_X_API_KEY)."""
     base = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "REMOTE_ADDR": "10.0.0.9"}

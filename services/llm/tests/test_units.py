@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from parley_kit.errors import ErrorShape
 from parley_kit.forward import ForwardClient, ForwardResponse
 from parley_kit.testing import read_http_request
-from parley_llm import shape_for_path
 from parley_llm.catalog import CatalogError, load_catalog
 from parley_llm.relay import (
     AnthropicStreamMeter,
@@ -70,12 +68,6 @@ def test_bad_models_file_is_refused_with_a_clear_message(tmp_path: Path, content
 def test_missing_models_file() -> None:
     with pytest.raises(CatalogError, match="cannot read"):
         load_catalog("/nonexistent/models.yaml")
-
-
-def test_error_shapes_by_path() -> None:
-    assert shape_for_path("/v1/messages") is ErrorShape.ANTHROPIC
-    assert shape_for_path("/v1/chat/completions") is ErrorShape.OPENAI
-    assert shape_for_path("/readyz") is ErrorShape.PROBLEM
 
 
 def test_openai_meter_counts_content_and_drops_unasked_usage() -> None:

@@ -120,6 +120,16 @@ class ErrorShape(StrEnum):
     ANTHROPIC = "anthropic"
 
 
+def provider_api_shape(path: str) -> ErrorShape:
+    """The error shape of the provider APIs the platform speaks: Anthropic's on `/v1/messages…`, OpenAI's on the rest
+    of `/v1`, problem+json elsewhere (the gateway's and llm's routes alike)."""
+    if path.startswith("/v1/messages"):
+        return ErrorShape.ANTHROPIC
+    if path.startswith("/v1/") or path == "/v1":
+        return ErrorShape.OPENAI
+    return ErrorShape.PROBLEM
+
+
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

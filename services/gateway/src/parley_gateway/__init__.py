@@ -11,14 +11,13 @@ from flask_openapi3 import OpenAPI
 
 from parley_kit.amqp import Consumer
 from parley_kit.app import create_service_app
-from parley_kit.errors import ServiceUnavailable
+from parley_kit.errors import ServiceUnavailable, provider_api_shape
 from parley_kit.forward import ForwardClient
 from parley_kit.health import Health
 from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
 from parley_kit.tokens import TokenVerifier
 
-from . import routing
 from .cors import Cors
 from .credentials import EdgeAuthenticator, KeyCache, KeyExchanger, UserRevocations
 from .docs import SpecCache, docs_blueprint
@@ -62,7 +61,7 @@ class Gateway:
 def create_app(settings: GatewaySettings | None = None) -> OpenAPI:
     """Build the gateway for one process: upstream clients, edge authentication, revocation listener, proxy."""
     settings = settings or GatewaySettings()
-    app, health = create_service_app(settings, __name__, title="Parley gateway", shape_for_path=routing.shape_for_path)
+    app, health = create_service_app(settings, __name__, title="Parley gateway", shape_for_path=provider_api_shape)
     upstreams = build_upstreams(settings)
     authenticator = build_authenticator(settings, upstreams[Upstream.AUTH])
     limiter = build_rate_limiter(settings)

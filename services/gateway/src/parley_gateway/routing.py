@@ -79,12 +79,3 @@ def match(path: str) -> Route | None:
     if path == "/.well-known/jwks.json":
         return JWKS_ROUTE
     return None
-
-
-def shape_for_path(path: str) -> ErrorShape:
-    """Anthropic errors on `/v1/messages…`, OpenAI errors on other `/v1/…`, problem+json elsewhere."""
-    if path.startswith("/v1/messages"):
-        return ErrorShape.ANTHROPIC
-    if path.startswith("/v1/") or path == "/v1":
-        return ErrorShape.OPENAI
-    return ErrorShape.PROBLEM

@@ -9,6 +9,7 @@ from flask_openapi3 import OpenAPI
 
 from parley_kit.app import create_service_app
 from parley_kit.db import Database
+from parley_kit.errors import provider_api_shape
 from parley_kit.health import Health
 from parley_kit.tokens import TokenVerifier
 
@@ -19,7 +20,7 @@ from .relay import Ledger
 from .routing import RetryPolicy, Router
 from .settings import LlmSettings, load_settings
 from .upstream import Upstreams
-from .views import LlmState, register_routes, shape_for_path
+from .views import LlmState, register_routes
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -27,7 +28,7 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 def create_app(settings: LlmSettings | None = None) -> OpenAPI:
     """Build the llm app: catalogue, database, token verifier, provider clients, routes and readiness."""
     settings = settings or load_settings()
-    app, health = create_service_app(settings, __name__, title="Parley llm", shape_for_path=shape_for_path)
+    app, health = create_service_app(settings, __name__, title="Parley llm", shape_for_path=provider_api_shape)
     state = build_state(settings)
     app.extensions["parley_llm"] = state
     register_routes(app, state)

@@ -31,7 +31,7 @@ from parley_kit.tokens import Identity, parse_bearer
 from . import idempotency
 from .catalog import Deployment
 from .telemetry import CallRecord
-from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call, shape_for_path
+from .views import INFERENCE_ROUTES, Inference, LlmState, admit, bridge_for, context, plain_call
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication
@@ -140,7 +140,7 @@ class PlainCalls:
             if not isinstance(exc, Exception):
                 raise
             error = exc if isinstance(exc, ParleyError) else errors.from_unexpected(exc, path)
-            answer_error = errors.error_response(shape_for_path(path), error)
+            answer_error = errors.error_response(errors.provider_api_shape(path), error)
             try:
                 body = self._respond(answer_error, environ, start_response, started, trace)
             except BaseException:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from parley_kit import tracing
 from parley_kit.db import Database
-from parley_kit.errors import BadRequest, ErrorShape, Forbidden, NotFound
+from parley_kit.errors import BadRequest, Forbidden, NotFound
 from parley_kit.openapi import error_responses
 from parley_kit.tokens import Identity, TokenVerifier, authenticate
 
@@ -292,15 +292,6 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
         return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
 
     app.register_api(bp)
-
-
-def shape_for_path(path: str) -> ErrorShape:
-    """Anthropic's error shape on /v1/messages, OpenAI's on the other /v1 routes, problem+json elsewhere."""
-    if path.startswith("/v1/messages"):
-        return ErrorShape.ANTHROPIC
-    if path.startswith("/v1/"):
-        return ErrorShape.OPENAI
-    return ErrorShape.PROBLEM
 
 
 def resolve(catalog: Catalog, identity: Identity, model: str, operation: Operation) -> Deployment:
