@@ -115,13 +115,15 @@ def test_the_master_hooks_load_no_flask_and_mark_a_dead_workers_live_gauges(tmp_
 
 def test_a_started_worker_hides_its_start_up_from_the_collector_and_makes_full_collections_rare() -> None:
     """post_worker_init freezes what the app loaded (full collections then skip it) and raises the oldest generation's
-    threshold: with thousands of streams held, each full collection paused the worker for 60-130 ms."""
+    threshold: with thousands of streams held, each full collection paused the worker for 60-130 ms. It also makes
+    the worker answer with `OneSendResponse` (its bytes: test_one_send_response.py)."""
     import subprocess
     import sys
 
     script = (
-        "import gc, parley_kit.gunicorn_hooks as hooks; before = gc.get_threshold(); hooks.post_worker_init(None); "
-        "print(before, gc.get_threshold(), gc.get_freeze_count() > 1000)"
+        "import gc, parley_kit.gunicorn_hooks as hooks; from gunicorn.http import wsgi; before = gc.get_threshold(); "
+        "hooks.post_worker_init(None); "
+        "print(before, gc.get_threshold(), gc.get_freeze_count() > 1000, wsgi.Response is hooks.OneSendResponse)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout == "(700, 10, 10) (700, 10, 1000) True\n"
+    assert done.stdout == "(700, 10, 10) (700, 10, 1000) True True\n"

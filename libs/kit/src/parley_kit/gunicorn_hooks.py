@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from gunicorn.http import wsgi
+
 accesslog = None  # the app writes ECS access lines itself
 keepalive = 75  # longer than the gateway's idle pool timeout, so pooled connections are not cut under it
 graceful_timeout = 30
@@ -36,10 +38,53 @@ def worker_exit(_server: Any, _worker: Any) -> None:
     background.drain(timeout=DRAIN_SECONDS)
 
 
+class OneSendResponse(wsgi.Response):
+    """gunicorn's response, but the status line and headers leave in the same `send` as the first body bytes.
+
+    gunicorn sends them apart: two system calls per answer, two segments on the wire, and a peer that reads the
+    head before the body arrives wakes twice (the gateway reading llm's answer, a client reading the gateway's).
+    The head still waits for nothing but the first body bytes, as before: a stream's first chunk, an empty
+    write (an app flushing its headers), or the response's close; later chunks go out one `send` each, unbuffered.
+    """
+
+    _head = b""
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        lines = self.default_headers()
+        lines.extend([f"{name}: {value}\r\n" for name, value in self.headers])
+        self._head = f"{''.join(lines)}\r\n".encode("latin-1")
+        self.headers_sent = True
+
+    def _send_head(self, data: bytes = b"") -> None:
+        head, self._head = self._head, b""
+        if head or data:
+            self.sock.sendall(head + data)
+
+    def write(self, arg: bytes) -> None:
+        super().write(arg)
+        if not arg:  # an empty write sends the head now (a stream's early flush), as gunicorn's does
+            self._send_head()
+
+    def _emit_body(self, data: bytes) -> None:
+        self._send_head(b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def close(self) -> None:
+        self.send_headers()
+        self._send_head(b"0\r\n\r\n" if self.chunked else b"")
+
+    def sendfile(self, respiter: Any) -> bool:
+        self.send_headers()
+        self._send_head()
+        return super().sendfile(respiter)
+
+
 def post_worker_init(_worker: Any) -> None:
-    """Move everything the app allocated at start-up out of the garbage collector's sight (a full collection then walks
-    only what requests create, not the whole loaded app: imports, models, SDK clients), and make full collections
-    rare (`GC_THRESHOLDS`)."""
+    """Answer with `OneSendResponse`; move everything the app allocated at start-up out of the garbage collector's
+    sight (a full collection then walks only what requests create, not the whole loaded app: imports, models, SDK
+    clients), and make full collections rare (`GC_THRESHOLDS`)."""
+    wsgi.Response = OneSendResponse  # read by `wsgi.create` at each request: gunicorn offers no setting for it
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
