@@ -39,45 +39,49 @@ def worker_exit(_server: Any, _worker: Any) -> None:
 
 
 class OneSendResponse(wsgi.Response):
-    """gunicorn's response, but the status line and headers leave in the same `send` as the first body bytes.
+    """gunicorn's response, but an answer's status line and headers leave in the same `send` as its first body bytes.
 
-    gunicorn sends them apart: two system calls per answer, two segments on the wire, and a peer that reads the
-    head before the body arrives wakes twice (the gateway reading llm's answer, a client reading the gateway's).
-    The head still waits for nothing but the first body bytes, as before: a stream's first chunk, an empty
-    write (an app flushing its headers), or the response's close; later chunks go out one `send` each, unbuffered.
+    gunicorn sends them apart: two system calls per answer, two segments on the wire, and a peer that reads the head
+    before the body arrives wakes twice (the gateway reading llm's answer, a client reading the gateway's). Here the
+    first `write` builds the head and sends it with its body bytes; a write that sends nothing (an empty one, a
+    bodiless answer) sends the head alone before it returns, as gunicorn's does, so the head is never held past the
+    write that made it and each stream chunk still leaves at once. Every other path (`close` without a write,
+    `sendfile`) is gunicorn's own, and `headers_sent` is only true once the head is on the wire (gunicorn answers a
+    500 when an app fails before that).
     """
 
+    _writing = False  # inside `write`: `send_headers` builds the head and leaves it to the body's send
     _head = b""
 
     def send_headers(self) -> None:
-        if self.headers_sent:
-            return
-        lines = self.default_headers()
-        lines.extend([f"{name}: {value}\r\n" for name, value in self.headers])
-        self._head = f"{''.join(lines)}\r\n".encode("latin-1")
-        self.headers_sent = True
-
-    def _send_head(self, data: bytes = b"") -> None:
-        head, self._head = self._head, b""
-        if head or data:
-            self.sock.sendall(head + data)
+        if not self._writing:
+            super().send_headers()
+        elif not self.headers_sent and not self._head:
+            lines = self.default_headers()
+            lines.extend([f"{name}: {value}\r\n" for name, value in self.headers])
+            self._head = f"{''.join(lines)}\r\n".encode("latin-1")
 
     def write(self, arg: bytes) -> None:
-        super().write(arg)
-        if not arg:  # an empty write sends the head now (a stream's early flush), as gunicorn's does
+        self._writing = True
+        try:
+            super().write(arg)
+        finally:
+            self._writing = False
+        if self._head:  # no body bytes went out with it
             self._send_head()
 
     def _emit_body(self, data: bytes) -> None:
-        self._send_head(b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        if not self._head:
+            super()._emit_body(data)
+        elif self.chunked:
+            self._send_head(b"%X\r\n" % len(data), data, b"\r\n")
+        else:
+            self._send_head(data)
 
-    def close(self) -> None:
-        self.send_headers()
-        self._send_head(b"0\r\n\r\n" if self.chunked else b"")
-
-    def sendfile(self, respiter: Any) -> bool:
-        self.send_headers()
-        self._send_head()
-        return super().sendfile(respiter)
+    def _send_head(self, *body: bytes) -> None:
+        head, self._head = self._head, b""
+        self.sock.sendall(b"".join((head, *body)))
+        self.headers_sent = True
 
 
 def post_worker_init(_worker: Any) -> None:
