@@ -152,12 +152,17 @@ def test_a_file_answer_is_gunicorns_own(tmp_path: Path) -> None:
 
 
 def test_a_first_write_that_fails_sends_nothing_and_leaves_the_head_unsent() -> None:
-    """The app's first item is not bytes: nothing reached the peer, so gunicorn may still answer it with a 500."""
+    """The app's first item is not bytes: nothing reached the peer, so gunicorn (or the app) may still answer another
+    status."""
     exchange = Exchange(OneSendResponse, GET)
     exchange.response.start_response("200 OK", JSON)
     with pytest.raises(TypeError):
         exchange.response.write("not bytes")  # type: ignore[arg-type]
     assert exchange.recording.sends == []
     assert exchange.response.headers_sent is False
-    exchange.server.close()
-    exchange.client.close()
+    # An app that catches it may start another response (PEP 3333's exc_info): its head, not the first one, is sent.
+    exchange.response.start_response("500 Internal Server Error", [("Content-Length", "3")], (None, None, None))
+    exchange.response.write(b"err")
+    exchange.response.close()
+    received = exchange.received()
+    assert received.startswith(b"HTTP/1.1 500 Internal Server Error\r\n") and received.endswith(b"\r\n\r\nerr")

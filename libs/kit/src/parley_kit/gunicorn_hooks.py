@@ -65,6 +65,9 @@ class OneSendResponse(wsgi.Response):
         self._writing = True
         try:
             super().write(arg)
+        except BaseException:
+            self._head = b""  # never sent: an app that catches the error may still start another response
+            raise
         finally:
             self._writing = False
         if self._head:  # no body bytes went out with it
@@ -80,8 +83,10 @@ class OneSendResponse(wsgi.Response):
 
     def _send_head(self, *body: bytes) -> None:
         head, self._head = self._head, b""
-        self.sock.sendall(b"".join((head, *body)))
+        # Set before the send, which may be long (a large body to a slow client): a worker stopped during it must
+        # close the connection, not write a 500 after bytes of this answer.
         self.headers_sent = True
+        self.sock.sendall(b"".join((head, *body)))
 
 
 def post_worker_init(_worker: Any) -> None:
