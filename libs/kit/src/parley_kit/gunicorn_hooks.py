@@ -46,8 +46,8 @@ class OneSendResponse(wsgi.Response):
     first `write` builds the head and sends it with its body bytes; a write that sends nothing (an empty one, a
     bodiless answer) sends the head alone before it returns, as gunicorn's does, so the head is never held past the
     write that made it and each stream chunk still leaves at once. Every other path (`close` without a write,
-    `sendfile`) is gunicorn's own, and `headers_sent` is only true once the head is on the wire (gunicorn answers a
-    500 when an app fails before that).
+    `sendfile`) is gunicorn's own, and `headers_sent` only turns true as the head's send begins (gunicorn answers a
+    500 when an app fails before that, and closes the connection after).
     """
 
     _writing = False  # inside `write`: `send_headers` builds the head and leaves it to the body's send
