@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from parley_jobs import batches, create_app
 from parley_jobs.models import Batch, BatchItem
@@ -113,6 +114,13 @@ def test_the_completion_window_length_comes_from_the_settings(
         app.extensions["parley_db"].dispose()
 
 
+def schedule(session: Session, *, window: int) -> list[str]:
+    """What a relay pass queues: the scheduled ids, stamped queued (as after their publish)."""
+    item_ids = batches.schedule(session, window=window)
+    batches.mark_queued(session, item_ids, now=utcnow())
+    return item_ids
+
+
 def finish(db: Database, ids: list[str]) -> None:
     with db.transaction() as session:
         for item_id in ids:
@@ -124,27 +132,27 @@ def test_the_scheduler_keeps_a_window_per_owner_and_interleaves_owners(db: Datab
     big = item_ids(db, make_batch(5, user="big")["id"])  # max_lines is 5 in the test settings
     big2 = item_ids(db, make_batch(5, user="big")["id"])
     with db.transaction() as session:
-        assert batches.schedule(session, window=3, now=utcnow()) == big[:3]
+        assert schedule(session, window=3) == big[:3]
     small = item_ids(db, make_batch(2, user="small")["id"])
     with db.transaction() as session:
         # big's window is full: only the newcomer's lines go out, at once.
-        assert batches.schedule(session, window=3, now=utcnow()) == small
+        assert schedule(session, window=3) == small
     finish(db, big[:2])
     with db.transaction() as session:
-        assert batches.schedule(session, window=3, now=utcnow()) == big[3:5]
+        assert schedule(session, window=3) == big[3:5]
     finish(db, big[2:5] + small)
     with db.transaction() as session:
         # An owner's batches go in creation order; the next owner's line is interleaved with them.
-        assert batches.schedule(session, window=3, now=utcnow()) == big2[:3]
+        assert schedule(session, window=3) == big2[:3]
     with db.transaction() as session:
-        assert batches.schedule(session, window=3, now=utcnow()) == []
+        assert schedule(session, window=3) == []
 
 
 def test_new_owners_are_interleaved_line_by_line(db: Database, make_batch: Callable) -> None:
     a = item_ids(db, make_batch(3, user="a")["id"])
     b = item_ids(db, make_batch(2, user="b")["id"])
     with db.transaction() as session:
-        assert batches.schedule(session, window=10, now=utcnow()) == [a[0], b[0], a[1], b[1], a[2]]
+        assert schedule(session, window=10) == [a[0], b[0], a[1], b[1], a[2]]
 
 
 def test_cancelled_and_finished_batches_are_not_scheduled(
@@ -155,4 +163,4 @@ def test_cancelled_and_finished_batches_are_not_scheduled(
     running = item_ids(db, make_batch(1)["id"])
     with db.transaction() as session:
         session.execute(update(BatchItem).where(BatchItem.id == running[0]).values(queued_at=None))
-        assert batches.schedule(session, window=10, now=utcnow()) == running
+        assert schedule(session, window=10) == running

@@ -11,7 +11,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from parley_jobs import outbox
+from parley_jobs import batches, outbox
 from parley_jobs.models import BatchItem, OutboxEvent
 from parley_jobs.relay import Relay, next_wait, queue_declarer
 from parley_jobs.settings import JobsSettings
@@ -20,17 +20,23 @@ from parley_kit.db import Database
 
 
 @pytest.fixture
-def relay(settings: JobsSettings, db: Database, amqp_url: str) -> Iterator[Relay]:
-    """A relay publishing to this test's own queue (deleted afterwards)."""
-    publisher = Publisher(settings.amqp_url, declare=queue_declarer(settings))
-    yield Relay(db, publisher, queue=settings.items_queue, interval=0.05)
-    publisher.close()
+def own_queues(settings: JobsSettings, amqp_url: str) -> Iterator[None]:
+    """This test's items queue, its dead-letter queue and exchange are deleted afterwards."""
+    yield
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     channel.queue_delete(settings.items_queue)
     channel.queue_delete(f"{settings.items_queue}.dead")
     channel.exchange_delete(settings.dead_letter_exchange)
     connection.close()
+
+
+@pytest.fixture
+def relay(settings: JobsSettings, db: Database, own_queues: None) -> Iterator[Relay]:
+    """A relay publishing to this test's own queue."""
+    publisher = Publisher(settings.amqp_url, declare=queue_declarer(settings))
+    yield Relay(db, publisher, queue=settings.items_queue, interval=0.05)
+    publisher.close()
 
 
 def drain(amqp_url: str, settings: JobsSettings) -> list[tuple[Any, dict[str, Any]]]:
@@ -69,6 +75,44 @@ def test_the_relay_publishes_every_pending_item(
     with db.transaction() as session:
         (event,) = session.scalars(select(OutboxEvent)).all()
         assert event.published_at is not None
+
+
+class ClaimingPublisher(Publisher):
+    """Publishes, then has a worker claim the item at once on another connection (as a fast worker does while the
+    pass is still publishing the rest), with a lock timeout instead of waiting for the pass's transaction."""
+
+    def __init__(self, url: str, db: Database, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.db = db
+        self.claimed: list[str] = []
+
+    def publish(self, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
+        published = super().publish(*args, message_id=message_id, **kwargs)
+        with self.db.engine.connect() as connection:
+            connection.exec_driver_sql("SET lock_timeout = '1s'")
+            work = batches.claim_item(connection, item_id=published)
+            connection.commit()
+        assert work is not None
+        self.claimed.append(work.item_id)
+        return published
+
+
+def test_a_worker_claims_a_published_item_without_waiting_for_the_pass(
+    settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str, own_queues: None
+) -> None:
+    """The pass stamps its items queued only after publishing them all: their rows are not locked while it publishes."""
+    batch = make_batch(3)
+    publisher = ClaimingPublisher(settings.amqp_url, db, declare=queue_declarer(settings))
+    try:
+        assert Relay(db, publisher, queue=settings.items_queue, interval=0.05).run_once() == (1, 3)
+    finally:
+        publisher.close()
+    items = pending_ids(db, batch["id"])
+    assert publisher.claimed == items
+    with db.transaction() as session:
+        rows = session.execute(select(BatchItem.attempts, BatchItem.queued_at).where(BatchItem.batch_id == batch["id"]))
+        assert [(attempts, queued_at is not None) for attempts, queued_at in rows] == [(1, True)] * 3
+    assert len(drain(amqp_url, settings)) == 3
 
 
 def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(

@@ -508,12 +508,14 @@ def traceparents(session: Session, item_ids: list[str]) -> dict[str, str | None]
     return traces
 
 
-def schedule(session: Session, *, window: int, now: datetime) -> list[str]:
-    """Item ids to publish now, stamped queued: each owner may have at most `window` items queued but unfinished,
-    topped up as they finish, and the owners are interleaved, so a huge batch cannot starve anyone else's.
+def schedule(session: Session, *, window: int) -> list[str]:
+    """Item ids to publish now: each owner may have at most `window` items queued but unfinished, topped up as they
+    finish, and the owners are interleaved, so a huge batch cannot starve anyone else's.
 
-    Running batches are locked with SKIP LOCKED (PostgreSQL), so concurrent relays top up different batches; the
-    caller publishes the ids before committing, so a failed publish leaves the items unqueued.
+    Running batches are locked with SKIP LOCKED (PostgreSQL) until the caller commits, so concurrent relays top up
+    different batches. The caller publishes the ids, then stamps them (`mark_queued`) and commits: a failed publish
+    leaves the items unqueued, and the item rows stay unlocked while messages go out, so a worker handed one of them
+    claims it at once instead of waiting for this transaction.
     """
     running = session.execute(
         select(Batch.id, Batch.owner)
@@ -558,12 +560,15 @@ def schedule(session: Session, *, window: int, now: datetime) -> list[str]:
             ).all()
         if ids:
             per_owner.append(ids)
-    order = [ids[i] for i in range(max(map(len, per_owner), default=0)) for ids in per_owner if i < len(ids)]
-    for start in range(0, len(order), INSERT_CHUNK):
+    return [ids[i] for i in range(max(map(len, per_owner), default=0)) for ids in per_owner if i < len(ids)]
+
+
+def mark_queued(session: Session, item_ids: list[str], *, now: datetime) -> None:
+    """Stamp published items queued: they count in their owner's window from the commit on."""
+    for start in range(0, len(item_ids), INSERT_CHUNK):
         session.execute(
-            update(BatchItem).where(BatchItem.id.in_(order[start : start + INSERT_CHUNK])).values(queued_at=now)
+            update(BatchItem).where(BatchItem.id.in_(item_ids[start : start + INSERT_CHUNK])).values(queued_at=now)
         )
-    return order
 
 
 def oldest_pending_age(session: Session, *, now: datetime) -> float:

@@ -3,9 +3,11 @@
 Each pass, in one transaction: drain the outbox (a `batch.created` event wakes the scheduler up, it carries no work
 itself), pick the items to queue (`batches.schedule`: per owner a bounded window of queued-but-unfinished items,
 topped up as they finish, owners interleaved), publish one `batch.item` message each with confirms, and only then
-commit. A crash before the commit means the next pass publishes again (workers are idempotent); a batch whose
-commit happened is always found by the next pass, whichever process runs it, since the scheduler reads the items,
-not the messages. The same thread expires batches past their completion window and refreshes the worker's gauges.
+stamp them queued and commit (the item rows are locked only for that last step: a worker handed an item while the
+pass still publishes claims it without waiting). A crash before the commit means the next pass publishes again
+(workers are idempotent); a batch whose commit happened is always found by the next pass, whichever process runs it,
+since the scheduler reads the items, not the messages. The same thread expires batches past their completion window
+and refreshes the worker's gauges.
 
 A pass runs every `interval`, and sooner once this process's workers have finished a quarter of a window's items:
 waiting out the interval would leave the windows, and so the workers, empty between passes. Every pass tops up all
@@ -155,7 +157,7 @@ class Relay:
                 if event.type != outbox.BATCH_CREATED:
                     log.warning("unknown outbox event type; marking it published", extra={"event.type": event.type})
                 outbox.mark_published(session, event_id=event.id)
-            item_ids = batches.schedule(session, window=self._window, now=utcnow())
+            item_ids = batches.schedule(session, window=self._window)
             trace_of = batches.traceparents(session, item_ids) if item_ids else {}
             try:
                 for item_id in item_ids:
@@ -163,6 +165,7 @@ class Relay:
                     self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
             finally:
                 tracing.clear()
+            batches.mark_queued(session, item_ids, now=utcnow())
         if item_ids:
             log.info("batch items queued", extra={"batch.items_queued": len(item_ids)})
         return len(events), len(item_ids)
