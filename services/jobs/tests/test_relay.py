@@ -15,8 +15,8 @@ from parley_jobs import batches, outbox
 from parley_jobs.models import BatchItem, OutboxEvent
 from parley_jobs.relay import Relay, next_wait, queue_declarer
 from parley_jobs.settings import JobsSettings
-from parley_kit.amqp import Publisher
-from parley_kit.db import Database
+from parley_kit.amqp import Publisher, PublishFailed
+from parley_kit.db import Database, utcnow
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ class ClaimingPublisher(Publisher):
     def publish(self, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
         published = super().publish(*args, message_id=message_id, **kwargs)
         with self.db.engine.connect() as connection:
-            connection.exec_driver_sql("SET lock_timeout = '1s'")
+            connection.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
             work = batches.claim_item(connection, item_id=published)
             connection.commit()
         assert work is not None
@@ -113,6 +113,64 @@ def test_a_worker_claims_a_published_item_without_waiting_for_the_pass(
         rows = session.execute(select(BatchItem.attempts, BatchItem.queued_at).where(BatchItem.batch_id == batch["id"]))
         assert [(attempts, queued_at is not None) for attempts, queued_at in rows] == [(1, True)] * 3
     assert len(drain(amqp_url, settings)) == 3
+
+
+class FailingPublisher(Publisher):
+    """Confirms `succeed` messages, then fails as a broker that went away mid-pass."""
+
+    def __init__(self, url: str, *, succeed: int, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.left = succeed
+
+    def publish(self, *args: Any, **kwargs: Any) -> str:
+        if self.left == 0:
+            raise PublishFailed("broker unreachable")
+        self.left -= 1
+        return super().publish(*args, **kwargs)
+
+
+def queued_at_by_item(db: Database, batch_id: str) -> list[bool]:
+    with db.transaction() as session:
+        query = select(BatchItem.queued_at).where(BatchItem.batch_id == batch_id).order_by(BatchItem.line)
+        return [queued_at is not None for queued_at in session.scalars(query)]
+
+
+def test_a_pass_failing_mid_publish_stamps_nothing_and_the_next_pass_publishes_the_rest(
+    settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str, own_queues: None
+) -> None:
+    """A crash between the publishes and the commit: nothing is stamped, every item still pending goes out again
+    (an item a worker finished meanwhile does not), and each item is stamped once it is out."""
+    batch = make_batch(3)
+    items = pending_ids(db, batch["id"])
+    failing = FailingPublisher(settings.amqp_url, succeed=2, declare=queue_declarer(settings))
+    try:
+        with pytest.raises(PublishFailed):
+            Relay(db, failing, queue=settings.items_queue, interval=0.05).run_once()
+    finally:
+        failing.close()
+    assert queued_at_by_item(db, batch["id"]) == [False] * 3
+    with db.transaction() as session:  # a worker ran the first item from the message that did go out
+        batches.record_result(session, item_id=items[0], succeeded=True, status_code=200, body={})
+    publisher = Publisher(settings.amqp_url, declare=queue_declarer(settings))
+    try:
+        assert Relay(db, publisher, queue=settings.items_queue, interval=0.05).run_once() == (1, 2)
+    finally:
+        publisher.close()
+    published = [envelope["data"]["item_id"] for _, envelope in drain(amqp_url, settings)]
+    assert published == [items[0], items[1], *items[1:]]  # the failed pass's two, then the next pass's two
+    assert queued_at_by_item(db, batch["id"]) == [False, True, True]
+
+
+def test_scheduling_alone_stamps_nothing(db: Database, make_batch: Callable) -> None:
+    """Until `mark_queued`, the picked items are not queued: a pass that stops before it picks them again."""
+    items = pending_ids(db, make_batch(2)["id"])
+    with db.transaction() as session:
+        assert batches.schedule(session, window=10) == items
+    with db.transaction() as session:
+        assert batches.schedule(session, window=10) == items
+        batches.mark_queued(session, items, now=utcnow())
+    with db.transaction() as session:
+        assert batches.schedule(session, window=10) == []
 
 
 def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(

@@ -514,8 +514,8 @@ def schedule(session: Session, *, window: int) -> list[str]:
 
     Running batches are locked with SKIP LOCKED (PostgreSQL) until the caller commits, so concurrent relays top up
     different batches. The caller publishes the ids, then stamps them (`mark_queued`) and commits: a failed publish
-    leaves the items unqueued, and the item rows stay unlocked while messages go out, so a worker handed one of them
-    claims it at once instead of waiting for this transaction.
+    leaves the items unqueued, and (on PostgreSQL) the item rows stay unlocked while messages go out, so a worker
+    handed one of them claims it at once instead of waiting for this transaction.
     """
     running = session.execute(
         select(Batch.id, Batch.owner)
