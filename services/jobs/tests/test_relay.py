@@ -18,6 +18,8 @@ from parley_jobs.settings import JobsSettings
 from parley_kit.amqp import Publisher, PublishFailed
 from parley_kit.db import Database, utcnow
 
+from .test_results import item_ids
+
 
 @pytest.fixture
 def own_queues(settings: JobsSettings, amqp_url: str) -> Iterator[None]:
@@ -54,12 +56,6 @@ def drain(amqp_url: str, settings: JobsSettings) -> list[tuple[Any, dict[str, An
     return messages
 
 
-def pending_ids(db: Database, batch_id: str) -> list[str]:
-    with db.transaction() as session:
-        query = select(BatchItem.id).where(BatchItem.batch_id == batch_id).order_by(BatchItem.line)
-        return list(session.scalars(query))
-
-
 def test_the_relay_publishes_every_pending_item(
     relay: Relay, settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str
 ) -> None:
@@ -67,7 +63,7 @@ def test_the_relay_publishes_every_pending_item(
     assert relay.run_once()[0] == 1
     assert relay.run_once()[0] == 0  # published events are not sent again
     messages = drain(amqp_url, settings)
-    assert [envelope["data"] for _, envelope in messages] == [{"item_id": i} for i in pending_ids(db, batch["id"])]
+    assert [envelope["data"] for _, envelope in messages] == [{"item_id": i} for i in item_ids(db, batch["id"])]
     for properties, envelope in messages:
         assert envelope["type"] == "batch.item"
         assert properties.delivery_mode == 2  # persistent
@@ -107,7 +103,7 @@ def test_a_worker_claims_a_published_item_without_waiting_for_the_pass(
         assert Relay(db, publisher, queue=settings.items_queue, interval=0.05).run_once() == (1, 3)
     finally:
         publisher.close()
-    items = pending_ids(db, batch["id"])
+    items = item_ids(db, batch["id"])
     assert publisher.claimed == items
     with db.transaction() as session:
         rows = session.execute(select(BatchItem.attempts, BatchItem.queued_at).where(BatchItem.batch_id == batch["id"]))
@@ -141,7 +137,7 @@ def test_a_pass_failing_mid_publish_stamps_nothing_and_the_next_pass_publishes_t
     """A crash between the publishes and the commit: nothing is stamped, every item still pending goes out again
     (an item a worker finished meanwhile does not), and each item is stamped once it is out."""
     batch = make_batch(3)
-    items = pending_ids(db, batch["id"])
+    items = item_ids(db, batch["id"])
     failing = FailingPublisher(settings.amqp_url, succeed=2, declare=queue_declarer(settings))
     try:
         with pytest.raises(PublishFailed):
@@ -163,7 +159,7 @@ def test_a_pass_failing_mid_publish_stamps_nothing_and_the_next_pass_publishes_t
 
 def test_scheduling_alone_stamps_nothing(db: Database, make_batch: Callable) -> None:
     """Until `mark_queued`, the picked items are not queued: a pass that stops before it picks them again."""
-    items = pending_ids(db, make_batch(2)["id"])
+    items = item_ids(db, make_batch(2)["id"])
     with db.transaction() as session:
         assert batches.schedule(session, window=10) == items
     with db.transaction() as session:
