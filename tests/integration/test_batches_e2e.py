@@ -189,6 +189,7 @@ class OwnJobs:
     log_dir: Path
     amqp_url: str | None = None
     prefix: str = field(default_factory=lambda: f"t6-{uuid.uuid4().hex[:8]}")
+    extra_env: dict[str, str] = field(default_factory=dict)
     api: ServiceProcess | None = None
     workers: list[ServiceProcess] = field(default_factory=list)
 
@@ -206,7 +207,7 @@ class OwnJobs:
         )
         if self.amqp_url:
             env["PARLEY_AMQP_URL"] = self.amqp_url
-        return env
+        return env | self.extra_env
 
     def migrate(self) -> None:
         """`python -m parley_jobs migrate` on our database."""
@@ -350,7 +351,8 @@ def test_workers_killed_at_random_points_lose_nothing_and_charge_once(
     extra.start_worker()
     consuming_since: dict[int, float] = {}
     rng = random.Random()
-    lines = [chat_line(f"line-{n:03d}", f"Line {n} #fake:latency_ms={rng.randint(300, 700)}") for n in range(200)]
+    # Slow lines: a group ends with its slowest, and a window of 64 is four groups in flight (the kills need time).
+    lines = [chat_line(f"line-{n:03d}", f"Line {n} #fake:latency_ms={rng.randint(700, 1500)}") for n in range(200)]
     batch = sdk.batches.create(
         input_file_id=upload(sdk, lines), endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -412,6 +414,8 @@ def test_a_batch_written_while_no_relay_runs_is_run_by_the_next_worker(
 
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+# Groups of two, two in flight: a batch of slow lines stays mid-way long enough to take the broker down under it.
+SLOW_GROUPS = {"JOBS_ITEM_GROUP": "2", "JOBS_SCHEDULE_WINDOW": "4"}
 
 
 @dataclass
@@ -499,7 +503,11 @@ def test_a_rabbitmq_restart_mid_batch_loses_nothing_and_charges_once(
 ) -> None:
     """Our own jobs API and worker on our own broker (the platform's auth and llm): stop_app/start_app mid-batch."""
     jobs = OwnJobs(
-        platform, postgres.create_database(f"jobs_{uuid.uuid4().hex[:6]}"), tmp_path, amqp_url=own_rabbit.url
+        platform,
+        postgres.create_database(f"jobs_{uuid.uuid4().hex[:6]}"),
+        tmp_path,
+        amqp_url=own_rabbit.url,
+        extra_env=SLOW_GROUPS,
     )
     jobs.migrate()
     try:

@@ -115,8 +115,10 @@ def test_the_completion_window_length_comes_from_the_settings(
 
 
 def schedule(session: Session, *, window: int) -> list[str]:
-    """What a relay pass queues: the scheduled ids, stamped queued (as after their publish)."""
-    item_ids = batches.schedule(session, window=window)
+    """What a relay pass queues, one item per message: the scheduled ids, stamped queued (as after their publish)."""
+    groups = batches.schedule(session, window=window)
+    assert all(len(group) == 1 for group in groups)
+    item_ids = [item_id for (item_id,) in groups]
     batches.mark_queued(session, item_ids, now=utcnow())
     return item_ids
 
@@ -153,6 +155,18 @@ def test_new_owners_are_interleaved_line_by_line(db: Database, make_batch: Calla
     b = item_ids(db, make_batch(2, user="b")["id"])
     with db.transaction() as session:
         assert schedule(session, window=10) == [a[0], b[0], a[1], b[1], a[2]]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)
+def test_groups_hold_one_batchs_items_and_owners_are_interleaved_group_by_group(
+    db: Database, make_batch: Callable
+) -> None:
+    a1 = item_ids(db, make_batch(5, user="a")["id"])
+    a2 = item_ids(db, make_batch(2, user="a")["id"])
+    b = item_ids(db, make_batch(3, user="b")["id"])
+    with db.transaction() as session:
+        # a's window (6) takes a1 whole and one line of a2: a group never mixes batches.
+        assert batches.schedule(session, window=6, group=2) == [a1[0:2], b[0:2], a1[2:4], b[2:], a1[4:], a2[:1]]
 
 
 def test_cancelled_and_finished_batches_are_not_scheduled(

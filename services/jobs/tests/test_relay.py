@@ -56,18 +56,28 @@ def drain(amqp_url: str, settings: JobsSettings) -> list[tuple[Any, dict[str, An
     return messages
 
 
-def test_the_relay_publishes_every_pending_item(
-    relay: Relay, settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str
+def test_the_relay_publishes_every_pending_item_in_groups(
+    settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str, own_queues: None
 ) -> None:
-    batch = make_batch(3)
-    assert relay.run_once()[0] == 1
-    assert relay.run_once()[0] == 0  # published events are not sent again
+    batch = make_batch(5)
+    publisher = Publisher(settings.amqp_url, declare=queue_declarer(settings))
+    relay = Relay(db, publisher, queue=settings.items_queue, interval=0.05, group=2)
+    try:
+        assert relay.run_once() == (1, 5)
+        assert relay.run_once() == (0, 0)  # published events and items are not sent again
+    finally:
+        publisher.close()
     messages = drain(amqp_url, settings)
-    assert [envelope["data"] for _, envelope in messages] == [{"item_id": i} for i in item_ids(db, batch["id"])]
+    items = item_ids(db, batch["id"])
+    assert [envelope["data"] for _, envelope in messages] == [
+        {"item_ids": items[0:2]},
+        {"item_ids": items[2:4]},
+        {"item_ids": items[4:]},
+    ]
     for properties, envelope in messages:
-        assert envelope["type"] == "batch.item"
+        assert envelope["type"] == "batch.items"
         assert properties.delivery_mode == 2  # persistent
-        assert properties.message_id == envelope["data"]["item_id"]
+        assert properties.message_id == envelope["data"]["item_ids"][0]
     with db.transaction() as session:
         (event,) = session.scalars(select(OutboxEvent)).all()
         assert event.published_at is not None
@@ -82,14 +92,14 @@ class ClaimingPublisher(Publisher):
         self.db = db
         self.claimed: list[str] = []
 
-    def publish(self, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
-        published = super().publish(*args, message_id=message_id, **kwargs)
+    def publish(self, exchange: str, routing_key: str, event_type: str, data: dict[str, Any], **kwargs: Any) -> str:
+        published = super().publish(exchange, routing_key, event_type, data, **kwargs)
         with self.db.engine.connect() as connection:
             connection.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
-            work = batches.claim_item(connection, item_id=published)
+            works = batches.claim_items(connection, item_ids=data["item_ids"])
             connection.commit()
-        assert work is not None
-        self.claimed.append(work.item_id)
+        assert [work.item_id for work in works] == data["item_ids"]
+        self.claimed += data["item_ids"]
         return published
 
 
@@ -152,8 +162,13 @@ def test_a_pass_failing_mid_publish_stamps_nothing_and_the_next_pass_publishes_t
         assert Relay(db, publisher, queue=settings.items_queue, interval=0.05).run_once() == (1, 2)
     finally:
         publisher.close()
-    published = [envelope["data"]["item_id"] for _, envelope in drain(amqp_url, settings)]
-    assert published == [items[0], items[1], *items[1:]]  # the failed pass's two, then the next pass's two
+    published = [envelope["data"]["item_ids"] for _, envelope in drain(amqp_url, settings)]
+    assert published == [
+        [items[0]],
+        [items[1]],
+        [items[1]],
+        [items[2]],
+    ]  # the failed pass's two, then the next pass's two
     assert queued_at_by_item(db, batch["id"]) == [False, True, True]
 
 
@@ -161,12 +176,12 @@ def test_scheduling_alone_stamps_nothing(db: Database, make_batch: Callable) -> 
     """Until `mark_queued`, the picked items are not queued: a pass that stops before it picks them again."""
     items = item_ids(db, make_batch(2)["id"])
     with db.transaction() as session:
-        assert batches.schedule(session, window=10) == items
+        assert batches.schedule(session, window=10, group=2) == [items]
     with db.transaction() as session:
-        assert batches.schedule(session, window=10) == items
+        assert batches.schedule(session, window=10, group=2) == [items]
         batches.mark_queued(session, items, now=utcnow())
     with db.transaction() as session:
-        assert batches.schedule(session, window=10) == []
+        assert batches.schedule(session, window=10, group=2) == []
 
 
 def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(

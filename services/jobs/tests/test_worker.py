@@ -1,7 +1,7 @@
-"""The worker's item handling against the REAL auth process (client credentials and act-as, on its own fresh
-PostgreSQL database) and the fake provider standing in for llm (it speaks the same OpenAI wire format); real
-PostgreSQL throughout. A small stand-in remains only where the real processes cannot show the behaviour: counting
-auth calls (token caching) and seeing the headers the worker sends to llm (`AuthStandIn`)."""
+"""The worker's item handling against the REAL auth process (client credentials and act-as) and the REAL llm process
+(on the fake provider), each on its own fresh PostgreSQL database; real PostgreSQL throughout. A small stand-in remains
+only where the real processes cannot show the behaviour: counting auth calls (token caching) and seeing the requests
+the worker sends to llm (`AuthStandIn`)."""
 
 from __future__ import annotations
 
@@ -103,15 +103,15 @@ class AuthStandIn:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.llm_headers: list[dict[str, str]] = []
+        self.llm_requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand_in.calls.append((self.path, body))
-                if self.path.startswith("/v1/"):
-                    stand_in.llm_headers.append(dict(self.headers))
+                if self.path == "/internal/calls":
+                    stand_in.llm_requests.append((dict(self.headers), body))
                 status, answer = stand_in.answer(self.path, body, self.headers.get("Authorization", ""))
                 data = json.dumps(answer).encode()
                 self.send_response(status)
@@ -139,8 +139,10 @@ class AuthStandIn:
                 return 403, {"detail": "user disabled"}
             token = ACTING_TOKEN if body["user_id"] == "alice" else "some-other-token"
             return 200, {"access_token": token, "expires_in": 300}
-        if path == "/v1/chat/completions":  # standing in for llm too, to see the headers the worker sends
-            return 200, {"object": "chat.completion", "choices": [], "usage": {"total_tokens": 0}}
+        if path == "/internal/calls":  # standing in for llm too, to see what the worker sends
+            answer = {"object": "chat.completion", "choices": [], "usage": {"total_tokens": 0}}
+            data = [{"status_code": 200, "request_id": "req_x", "body": answer} for _ in body["calls"]]
+            return 200, {"object": "list", "data": data}
         return 404, {}
 
     def count(self, path: str) -> int:
@@ -159,8 +161,8 @@ def auth_stand_in() -> Iterator[AuthStandIn]:
 
 
 @pytest.fixture(scope="module")
-def fake_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The fake provider on a free port, accepting any token (one test makes it refuse them all)."""
+def fake_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake provider on a free port, accepting any key."""
     port = free_port()
     process = ServiceProcess(
         "fakeprovider",
@@ -173,14 +175,45 @@ def fake_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.stop()
 
 
-def llm_calls(fake_llm: str) -> int:
-    stats = json.loads(urllib3.request("GET", f"{fake_llm}/_fake/stats").data)
+def start_llm(
+    postgres: Any, real_auth: RealAuth, fake_provider: str, log_dir: Path, **env: str
+) -> tuple[ServiceProcess, str]:
+    """`python -m parley_llm serve` migrated on a fresh database, verifying the real auth's tokens; and its url."""
+    port = free_port()
+    values = {
+        "PARLEY_ENV": "test",
+        "LLM_DATABASE_URL": postgres.create_database(f"jobs_llm_{uuid.uuid4().hex[:6]}"),
+        "LLM_BIND": f"127.0.0.1:{port}",
+        "LLM_WORKERS": "1",
+        "LLM_METRICS_DIR": str(log_dir / "metrics"),
+        "LLM_OPENAI_BASE_URL": f"{fake_provider}/v1",
+        "LLM_OPENAI_API_KEY": "any-key",
+        "LLM_ANTHROPIC_BASE_URL": fake_provider,
+        "LLM_ANTHROPIC_API_KEY": "any-key",
+        "PARLEY_JWKS_URL": f"{real_auth.url}/.well-known/jwks.json",
+        **env,
+    }
+    return start_service("llm", values, port=port, log_dir=log_dir), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def real_llm(
+    postgres: Any, real_auth: RealAuth, fake_provider: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """llm as the platform runs it; its url."""
+    process, url = start_llm(postgres, real_auth, fake_provider, tmp_path_factory.mktemp("llm"))
+    yield url
+    process.stop()
+
+
+def upstream_calls(fake_provider: str) -> int:
+    stats = json.loads(urllib3.request("GET", f"{fake_provider}/_fake/stats").data)
     return sum(stats["requests"].values())
 
 
 @pytest.fixture
-def worker_settings(make_settings: Callable[..., JobsSettings], fake_llm: str, real_auth: RealAuth) -> JobsSettings:
-    return make_settings(llm_url=fake_llm, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET)
+def worker_settings(make_settings: Callable[..., JobsSettings], real_llm: str, real_auth: RealAuth) -> JobsSettings:
+    return make_settings(llm_url=real_llm, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET)
 
 
 @pytest.fixture
@@ -188,13 +221,14 @@ def processor(worker_settings: JobsSettings, db: Database) -> ItemProcessor:
     return build_processor(worker_settings, db)
 
 
-def message(item_id: str, delivery_count: int = 0) -> Message:
+def message(*item_ids: str, delivery_count: int = 0) -> Message:
+    """A `batch.items` message of these items, as the relay sends it."""
     return Message(
-        id=item_id,
-        type="batch.item",
+        id=item_ids[0],
+        type="batch.items",
         occurred_at="",
         traceparent=None,
-        data={"item_id": item_id},
+        data={"item_ids": list(item_ids)},
         delivery_count=delivery_count,
         redelivered=delivery_count > 0,
     )
@@ -220,7 +254,7 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     upload: Callable,
     auth: Callable,
     alice: str,
-    fake_llm: str,
+    fake_provider: str,
 ) -> None:
     batch_id = new_batch(client, upload, auth, ["hello there", "bad one #fake:error=400"], alice)
     ok, refused = items(db, batch_id)
@@ -239,13 +273,78 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert batch["usage"]["total_tokens"] == ok.response_body["usage"]["total_tokens"] > 0
 
-    calls = llm_calls(fake_llm)
+    calls = upstream_calls(fake_provider)
     processor.handle(message(ok.id, delivery_count=1))  # a redelivery: acked without running it again
-    assert llm_calls(fake_llm) == calls
+    assert upstream_calls(fake_provider) == calls
     assert items(db, batch_id)[0].response_body == ok.response_body
 
 
-def test_every_llm_call_carries_the_item_id_as_idempotency_key(
+def test_a_group_runs_only_its_unfinished_items_and_a_transient_failure_redelivers_only_those(
+    processor: ItemProcessor,
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    alice: str,
+    fake_provider: str,
+) -> None:
+    batch_id = new_batch(client, upload, auth, ["one", "two", "flaky #fake:error=503", "four"], alice)
+    one, two, flaky, four = items(db, batch_id)
+    processor.handle(message(one.id))
+    one = items(db, batch_id)[0]
+    before = upstream_calls(fake_provider)
+    with pytest.raises(UpstreamError):  # the flaky item asks for a redelivery, after the others are written
+        processor.handle(message(one.id, two.id, flaky.id, four.id))
+    retried = upstream_calls(fake_provider) - before  # two, four, and the flaky one with llm's own retries
+    one_after, two, flaky, four = items(db, batch_id)
+    assert (one_after.response_body, one_after.attempts) == (one.response_body, 1)  # finished: not run again
+    assert [two.status, flaky.status, four.status] == ["succeeded", "pending", "succeeded"]
+    assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["request_counts"] == {
+        "total": 4,
+        "completed": 3,
+        "failed": 0,
+    }
+
+    processor.handle(message(one.id, two.id, flaky.id, four.id, delivery_count=5))  # the last delivery
+    assert upstream_calls(fake_provider) - before == 2 * retried - 2  # only the flaky item ran again
+    assert [item.status for item in items(db, batch_id)] == ["succeeded", "succeeded", "failed", "succeeded"]
+    assert items(db, batch_id)[1].response_body == two.response_body
+    batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+
+
+def test_a_group_llm_answered_before_its_worker_died_is_not_charged_again(
+    processor: ItemProcessor,
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    alice: str,
+    real_llm: str,
+    real_auth: RealAuth,
+    fake_provider: str,
+) -> None:
+    """The first worker's llm request went through, then it died before writing anything: the redelivery gets
+    llm's stored answers (keyed by item id), and the provider is not called again."""
+    batch_id = new_batch(client, upload, auth, ["one", "two"], alice)
+    works = items(db, batch_id)
+    token = ActingTokens(
+        ServiceTokenSource(ServiceClient(real_auth.url, name="auth"), client_id="jobs", client_secret=CLIENT_SECRET)
+    ).for_user(alice, None)
+    calls = [{"path": "/v1/chat/completions", "body": item.body, "idempotency_key": item.id} for item in works]
+    first = requests.post(
+        f"{real_llm}/internal/calls", json={"calls": calls}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert first.status_code == 200, first.text
+    before = upstream_calls(fake_provider)
+    processor.handle(message(*(item.id for item in works), delivery_count=1))
+    assert upstream_calls(fake_provider) == before
+    assert [item.response_body for item in items(db, batch_id)] == [answer["body"] for answer in first.json()["data"]]
+    assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "completed"
+
+
+def test_a_group_is_one_llm_request_keyed_by_item_ids_with_the_owners_token(
     make_settings: Callable[..., JobsSettings],
     db: Database,
     client: FlaskClient,
@@ -256,21 +355,23 @@ def test_every_llm_call_carries_the_item_id_as_idempotency_key(
     alice: str,
 ) -> None:
     """llm charges an item once however often it is redelivered: it needs a stable key per item. (The stand-in
-    answers as llm, to see the headers; the act-as token is the real auth's.)"""
+    answers as llm, to see the requests; the act-as token is the real auth's.)"""
     settings = make_settings(
         llm_url=auth_stand_in.url, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET
     )
     processor = build_processor(settings, db)
     batch_id = new_batch(client, upload, auth, ["one", "two"], alice)
     first, second = items(db, batch_id)
-    before = len(auth_stand_in.llm_headers)
-    processor.handle(message(first.id))
-    processor.handle(message(second.id))
-    sent = auth_stand_in.llm_headers[before:]
-    assert [headers.get("Idempotency-Key") for headers in sent] == [first.id, second.id]
-    for headers in sent:  # a real act-as token: the owner's, naming the jobs service as the actor
-        claims = jwt.decode(headers["Authorization"].removeprefix("Bearer "), options={"verify_signature": False})
-        assert claims["sub"] == alice and "jobs" in claims["act"]["sub"]
+    before = len(auth_stand_in.llm_requests)
+    processor.handle(message(first.id, second.id))
+    ((headers, body),) = auth_stand_in.llm_requests[before:]
+    assert [call["idempotency_key"] for call in body["calls"]] == [first.id, second.id]
+    assert [call["body"]["messages"][0]["content"] for call in body["calls"]] == ["one", "two"]
+    assert {call["path"] for call in body["calls"]} == {"/v1/chat/completions"}
+    # a real act-as token: the owner's, naming the jobs service as the actor
+    claims = jwt.decode(headers["Authorization"].removeprefix("Bearer "), options={"verify_signature": False})
+    assert claims["sub"] == alice and "jobs" in claims["act"]["sub"]
+    assert {item.status for item in items(db, batch_id)} == {"succeeded"}
 
 
 @pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)  # SQLite: `make run`
@@ -280,17 +381,18 @@ def test_a_dead_lettered_item_is_recorded_failed_once(
     client: FlaskClient,
     upload: Callable,
     auth: Callable,
-    fake_llm: str,
+    fake_provider: str,
     alice: str,
 ) -> None:
     batch_id = new_batch(client, upload, auth, ["poison", "fine"], alice)
     poison, fine = items(db, batch_id)
     processor.handle(message(fine.id))
-    calls = llm_calls(fake_llm)
+    calls = upstream_calls(fake_provider)
     processor.handle_dead(message(poison.id, delivery_count=6))
     processor.handle_dead(message(poison.id, delivery_count=6))  # a duplicate changes nothing
     processor.handle_dead(message("batch_req_unknown"))  # an unknown item is dropped
-    assert llm_calls(fake_llm) == calls  # never run again
+    processor.handle_dead(message(poison.id, fine.id, delivery_count=6))  # a group: only the unfinished item counts
+    assert upstream_calls(fake_provider) == calls  # never run again
     poison, fine = items(db, batch_id)
     assert poison.status == "failed" and poison.error["code"] == "delivery_limit_exceeded"
     batch = client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json
@@ -311,30 +413,39 @@ def test_a_server_error_is_retried_then_recorded_on_the_last_attempt(
     assert items(db, batch_id)[0].status == "pending"
     processor.handle(message(item.id, delivery_count=5))  # the delivery limit in the settings is 5
     (item,) = items(db, batch_id)
-    assert (item.status, item.response_status, item.attempts) == ("failed", 503, 2)
+    # llm's answer to the provider's 503 (after its own retries) is the line
+    assert (item.status, item.response_status, item.attempts) == ("failed", 502, 2)
+    assert item.response_body["error"]["type"] == "server_error"
     assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "completed"
 
 
 def test_a_token_llm_refuses_is_dropped_and_retried(
-    processor: ItemProcessor,
+    make_settings: Callable[..., JobsSettings],
     db: Database,
     client: FlaskClient,
     upload: Callable,
     auth: Callable,
     alice: str,
-    fake_llm: str,
+    postgres: Any,
+    real_auth: RealAuth,
+    fake_provider: str,
+    tmp_path: Path,
 ) -> None:
-    # The fake llm is told to accept one key only, which no act-as token is: it answers 401.
-    batch_id = new_batch(client, upload, auth, ["hi"], alice)
-    (item,) = items(db, batch_id)
-    urllib3.request("POST", f"{fake_llm}/_fake/config", json={"api_key": "nobody-has-this-key"})
+    """An llm that trusts tokens for another audience refuses every act-as token: 401, retried with a fresh token,
+    and on the last attempt llm's answer is the line."""
+    process, llm_url = start_llm(postgres, real_auth, fake_provider, tmp_path, PARLEY_JWT_AUDIENCE="someone-else")
     try:
+        settings = make_settings(llm_url=llm_url, auth_url=real_auth.url, item_timeout=10, client_secret=CLIENT_SECRET)
+        processor = build_processor(settings, db)
+        batch_id = new_batch(client, upload, auth, ["hi"], alice)
+        (item,) = items(db, batch_id)
         with pytest.raises(UpstreamError):
             processor.handle(message(item.id))
         processor.handle(message(item.id, delivery_count=5))
     finally:
-        urllib3.request("POST", f"{fake_llm}/_fake/config", json={})
-    assert items(db, batch_id)[0].response_status == 401
+        process.stop()
+    (item,) = items(db, batch_id)
+    assert (item.status, item.response_status, item.attempts) == ("failed", 401, 2)
 
 
 def test_an_owner_auth_will_not_act_for_fails_the_line(

@@ -34,7 +34,11 @@ def test_a_broker_down_at_creation_and_again_mid_batch_loses_nothing_and_charges
     platform: RunningPlatform, postgres: Any, own_rabbit: Any, client: Client, tmp_path: Path
 ) -> None:
     jobs = batches_e2e.OwnJobs(
-        platform, postgres.create_database(f"jobs_{uuid.uuid4().hex[:6]}"), tmp_path, amqp_url=own_rabbit.url
+        platform,
+        postgres.create_database(f"jobs_{uuid.uuid4().hex[:6]}"),
+        tmp_path,
+        amqp_url=own_rabbit.url,
+        extra_env=batches_e2e.SLOW_GROUPS,
     )
     jobs.migrate()
     try:

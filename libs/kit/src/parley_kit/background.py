@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_DETACHED = 16  # below llm's database pool (10 + 10 overflow): the requests' own statements still find connections
 
@@ -54,3 +57,16 @@ def _logged(work: Callable[[], None]) -> None:
         work()
     except Exception:
         log.exception("detached work failed")
+
+
+def map_concurrently(work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`work` applied to every item at once, results in order: greenlets under gevent, threads otherwise (each
+    item is mostly waiting on I/O). `work` must not raise: it answers for its own failures."""
+    if len(items) < 2:
+        return [work(item) for item in items]
+    if under_gevent():
+        from gevent.pool import Group
+
+        return list(Group().imap(work, items))
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(work, items))

@@ -16,7 +16,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Integer, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Integer,
+    String,
+    and_,
+    any_,
+    bindparam,
+    column,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -133,6 +148,66 @@ _COUNT_RESULT = (
     .execution_options(**CORE)
 )
 _PROGRESS = select(*_progressed).where(BatchProgress.batch_id == bindparam("p_batch"))
+# A group's claim and results in one statement each (PostgreSQL): `_CLAIM_GROUP` is `_CLAIM_WORK` for an array of ids;
+# `_RECORD_GROUP` writes every result given as a JSON array of rows, and counts them in their batches' progress.
+_CLAIM_GROUP = (
+    update(BatchItem)
+    .where(
+        BatchItem.id == any_(bindparam("p_items", type_=postgresql.ARRAY(String))),
+        BatchItem.status == ItemStatus.PENDING,
+        Batch.id == BatchItem.batch_id,
+        *(Batch.status != status for status in STOPPING),
+    )
+    .values(attempts=BatchItem.attempts + 1)
+    .returning(BatchItem.id, *_claimed, *_route)
+    .execution_options(**CORE)
+)
+_results = (
+    func.json_to_recordset(bindparam("p_rows", type_=JSON()))
+    .table_valued(
+        column("id", String),
+        column("status", String),
+        column("response_status", Integer),
+        column("request_id", String),
+        column("response_body", JSON),
+        column("error", JSON),
+    )
+    .render_derived(name="results", with_types=True)
+)
+_finished_items = (
+    update(BatchItem)
+    .where(BatchItem.id == _results.c.id, BatchItem.status == ItemStatus.PENDING)
+    .values(
+        status=_results.c.status,
+        response_status=_results.c.response_status,
+        request_id=_results.c.request_id,
+        response_body=_results.c.response_body,
+        error=_results.c.error,
+        finished_at=bindparam("p_now", type_=_items.finished_at.type),
+    )
+    .returning(BatchItem.batch_id, BatchItem.status)
+    .cte("finished_items")
+)
+_per_batch = (
+    select(
+        _finished_items.c.batch_id,
+        func.count().label("finished"),
+        func.count().filter(_finished_items.c.status == ItemStatus.SUCCEEDED).label("completed"),
+    )
+    .group_by(_finished_items.c.batch_id)
+    .subquery("per_batch")
+)
+_RECORD_GROUP = (
+    update(BatchProgress)
+    .where(BatchProgress.batch_id == _per_batch.c.batch_id)
+    .values(
+        finished=BatchProgress.finished + _per_batch.c.finished,
+        completed=BatchProgress.completed + _per_batch.c.completed,
+        failed=BatchProgress.failed + _per_batch.c.finished - _per_batch.c.completed,
+    )
+    .returning(*_progressed, _per_batch.c.finished, _per_batch.c.completed)
+    .execution_options(**CORE)
+)
 # The API's reads of one batch (polled by clients while it runs).
 _OWN_BATCH = select(Batch).where(Batch.id == bindparam("p_batch"), Batch.owner == bindparam("p_owner"))
 _OWN_BATCH_LOCKED = _OWN_BATCH.with_for_update()
@@ -343,6 +418,19 @@ def claim_item(session: Executor, *, item_id: str) -> ItemWork | None:
     )
 
 
+def claim_items(session: Executor, *, item_ids: list[str]) -> list[ItemWork]:
+    """`claim_item` for a group: the work of the items claimed (the others have nothing to run: `start_item` says
+    why). On PostgreSQL one statement (autocommit-safe); elsewhere two per item, so run it in a transaction there."""
+    if _dialect(session) != "postgresql":
+        return [work for item_id in item_ids if (work := claim_item(session, item_id=item_id)) is not None]
+    return [
+        ItemWork(item_id, batch_id, custom_id, endpoint, body, owner, key_id, attempts)
+        for item_id, batch_id, custom_id, body, attempts, endpoint, owner, key_id in session.execute(
+            _CLAIM_GROUP, {"p_items": item_ids}
+        )
+    ]
+
+
 def start_item(session: Executor, *, item_id: str) -> tuple[str | None, ItemWork | None]:
     """Claim an attempt at an item: (its batch id, the work), with no work when there is nothing to run
     (already finished, or its batch is being cancelled, in which case the item is skipped). Several statements:
@@ -413,6 +501,70 @@ def record_result(
             return None
         row = session.execute(_COUNT_RESULT, params | {"p_batch": batch_id}).one_or_none()
     return Progress(*row) if row is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """An item's outcome, to write once (`record_results`)."""
+
+    item_id: str
+    succeeded: bool
+    status_code: int | None = None
+    request_id: str | None = None
+    body: Any = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What writing a group's results did to one batch: its progress after them, and how many of them it counted
+    (results of items already finished by an earlier delivery are not)."""
+
+    progress: Progress
+    completed: int
+    failed: int
+
+
+def record_results(session: Executor, results: list[ItemResult]) -> list[Recorded]:
+    """`record_result` for a group: each item's outcome written once, and counted in its batch's progress.
+
+    On PostgreSQL one statement whatever the group's size (autocommit-safe); elsewhere two per item, so run it in a
+    transaction there.
+    """
+    if _dialect(session) != "postgresql":
+        counted: dict[str, list[Any]] = {}
+        for result in results:
+            progress = record_result(
+                session,
+                item_id=result.item_id,
+                succeeded=result.succeeded,
+                status_code=result.status_code,
+                request_id=result.request_id,
+                body=result.body,
+                error=result.error,
+            )
+            if progress is not None:
+                entry = counted.setdefault(progress.batch_id, [progress, 0, 0])
+                entry[0] = progress
+                entry[1 if result.succeeded else 2] += 1
+        return [Recorded(progress, completed, failed) for progress, completed, failed in counted.values()]
+    rows = [
+        {
+            "id": result.item_id,
+            "status": ItemStatus.SUCCEEDED if result.succeeded else ItemStatus.FAILED,
+            "response_status": result.status_code,
+            "request_id": result.request_id,
+            "response_body": result.body,
+            "error": result.error,
+        }
+        for result in results
+    ]
+    return [
+        Recorded(Progress(batch_id, finished, total), completed, counted - completed)
+        for batch_id, finished, total, counted, completed in session.execute(
+            _RECORD_GROUP, {"p_rows": rows, "p_now": utcnow()}
+        )
+    ]
 
 
 def progress(session: Executor, *, batch_id: str) -> Progress | None:
@@ -508,9 +660,10 @@ def traceparents(session: Session, item_ids: list[str]) -> dict[str, str | None]
     return traces
 
 
-def schedule(session: Session, *, window: int) -> list[str]:
-    """Item ids to publish now: each owner may have at most `window` items queued but unfinished, topped up as they
-    finish, and the owners are interleaved, so a huge batch cannot starve anyone else's.
+def schedule(session: Session, *, window: int, group: int = 1) -> list[list[str]]:
+    """Item ids to publish now, in groups of at most `group` items of one batch (a message and an llm request each):
+    each owner may have at most `window` items queued but unfinished, topped up as they finish, and the owners'
+    groups are interleaved, so a huge batch cannot starve anyone else's.
 
     Running batches are locked with SKIP LOCKED (PostgreSQL) until the caller commits, so concurrent relays top up
     different batches. The caller publishes the ids, then stamps them (`mark_queued`) and commits: a failed publish
@@ -541,14 +694,14 @@ def schedule(session: Session, *, window: int) -> list[str]:
             .group_by(Batch.owner)
         ).all()
     )
-    per_owner: list[list[str]] = []
+    per_owner: list[list[list[str]]] = []  # each owner's groups
     for owner, batch_ids in batches_of.items():
         room = window - in_flight.get(owner, 0)
-        ids: list[str] = []
+        groups: list[list[str]] = []
         for batch_id in batch_ids:  # oldest first; each read in line order off ix_batch_items_batch_queued
-            if len(ids) >= room:
+            if room <= 0:
                 break
-            ids += session.scalars(
+            ids = session.scalars(
                 select(BatchItem.id)
                 .where(
                     BatchItem.batch_id == batch_id,
@@ -556,11 +709,13 @@ def schedule(session: Session, *, window: int) -> list[str]:
                     BatchItem.queued_at.is_(None),
                 )
                 .order_by(BatchItem.line)
-                .limit(room - len(ids))
+                .limit(room)
             ).all()
-        if ids:
-            per_owner.append(ids)
-    return [ids[i] for i in range(max(map(len, per_owner), default=0)) for ids in per_owner if i < len(ids)]
+            room -= len(ids)
+            groups += [list(ids[start : start + group]) for start in range(0, len(ids), group)]
+        if groups:
+            per_owner.append(groups)
+    return [groups[i] for i in range(max(map(len, per_owner), default=0)) for groups in per_owner if i < len(groups)]
 
 
 def mark_queued(session: Session, item_ids: list[str], *, now: datetime) -> None:

@@ -2,7 +2,8 @@
 
 Each pass, in one transaction: drain the outbox (a `batch.created` event wakes the scheduler up, it carries no work
 itself), pick the items to queue (`batches.schedule`: per owner a bounded window of queued-but-unfinished items, topped
-up as they finish, owners interleaved), publish one `batch.item` message each with confirms, and only then stamp them
+up as they finish, owners interleaved), publish them with confirms, a `batch.items` message per group of up to
+`group` items of one batch (a worker runs a group in one llm request), and only then stamp them
 queued and commit (on PostgreSQL the item rows are locked only for that last step: a worker handed an item while the
 pass still publishes claims it without waiting; on SQLite the pass holds the database's write lock). A crash before the
 commit means the next pass publishes again (workers are idempotent); a batch whose commit happened is always found by
@@ -36,7 +37,7 @@ from .settings import JobsSettings
 
 log = logging.getLogger(__name__)
 
-ITEM_MESSAGE = "batch.item"
+ITEMS_MESSAGE = "batch.items"
 EVENTS_PER_PASS = 1000
 
 
@@ -120,6 +121,7 @@ class Relay:
         interval: float,
         idle_interval: float | None = None,
         window: int = 64,
+        group: int = 1,
         stats: QueueStats | None = None,
         stats_interval: float = 5.0,
     ) -> None:
@@ -129,6 +131,7 @@ class Relay:
         self._interval = interval
         self._idle_interval = max(interval, idle_interval or interval)
         self._window = window
+        self._group = group
         self._stats = stats
         self._stats_interval = stats_interval
         self._stats_due = 0.0
@@ -157,12 +160,13 @@ class Relay:
                 if event.type != outbox.BATCH_CREATED:
                     log.warning("unknown outbox event type; marking it published", extra={"event.type": event.type})
                 outbox.mark_published(session, event_id=event.id)
-            item_ids = batches.schedule(session, window=self._window)
-            trace_of = batches.traceparents(session, item_ids) if item_ids else {}
+            groups = batches.schedule(session, window=self._window, group=self._group)
+            item_ids = [item_id for group in groups for item_id in group]
+            trace_of = batches.traceparents(session, [group[0] for group in groups]) if groups else {}
             try:
-                for item_id in item_ids:
-                    tracing.start(trace_of.get(item_id))  # the item runs in the trace of the request that made it
-                    self._publisher.publish("", self._queue, ITEM_MESSAGE, {"item_id": item_id}, message_id=item_id)
+                for group in groups:
+                    tracing.start(trace_of.get(group[0]))  # the items run in the trace of the request that made them
+                    self._publisher.publish("", self._queue, ITEMS_MESSAGE, {"item_ids": group}, message_id=group[0])
             finally:
                 tracing.clear()
             batches.mark_queued(session, item_ids, now=utcnow())

@@ -33,6 +33,8 @@ class JobsSettings(ServiceSettings):
     max_file_bytes: int = Field(200 * MIB, ge=1)
     max_lines: int = Field(50_000, ge=1)
     worker_prefetch: int = Field(8, ge=1, le=1000)
+    # Items per message, run by a worker in one llm request (up to llm's 64 calls per group).
+    item_group: int = Field(16, ge=1, le=64)
     relay_interval: float = Field(0.2, gt=0)
     # With nothing to relay, the polls space out to this (a new batch is queued at most this late).
     relay_idle_interval: float = Field(1.0, gt=0)

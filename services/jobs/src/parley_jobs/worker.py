@@ -5,9 +5,11 @@ handlers on a thread pool, ack after the handler's commit), a second one of the 
 gave up on after the delivery limit: recorded as failed so they reach the error file and the batch can end), and
 Prometheus metrics on `worker_metrics_port`.
 
-An item costs the database two statements on PostgreSQL, each its own autocommit transaction: the claim (attempt
-counted, work read) and the result (item and batch counters together). Finalisation is a transaction of its own, run
-by whoever wrote the last item (or by a redelivery of any item of a finished batch, if that one died first).
+A message carries a group of items of one batch (`JOBS_ITEM_GROUP`). On PostgreSQL a group costs the database two
+statements, each its own autocommit transaction, whatever its size: the claim (attempts counted, work read) and the
+results (items and batch counters together); and llm one request (`POST /internal/calls`), each item's call keyed by
+its id, so a redelivered group is never charged twice. Finalisation is a transaction of its own, run by whoever wrote
+the last item (or by a redelivery of any item of a finished batch, if that one died first).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .settings import JobsSettings
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+GROUP_PATH = "/internal/calls"  # llm's route for a group of calls made for one user
 T = TypeVar("T")
 
 
@@ -52,7 +55,8 @@ class Outcome:
 
 
 class ItemProcessor:
-    """Handles one `batch.item` message; safe to run twice for the same item (the write is conditional)."""
+    """Handles `batch.items` messages (a group of items of one batch; or an older relay's `batch.item`, one item);
+    safe to run twice for the same items (each item's write is conditional, and llm answers a key once)."""
 
     def __init__(
         self,
@@ -72,49 +76,73 @@ class ItemProcessor:
         self._on_item_done = on_item_done
 
     def handle(self, message: Message) -> None:
-        """Run the item unless it is finished or cancelled; raise to have it redelivered (transient failures)."""
-        item_id = message.data.get("item_id")
-        if not isinstance(item_id, str):
-            raise Reject("batch.item message without an item_id")
-        work = self._write(lambda connection: batches.claim_item(connection, item_id=item_id))
-        batch_id = work.batch_id if work is not None else None
-        if work is None:  # nothing to run: unknown, finished, or cancelled (then skipped) — start_item sorts it out
-            batch_id, work = self._transaction(lambda session: batches.start_item(session, item_id=item_id))
-        if batch_id is None:
-            log.warning("batch item not found; dropping its message", extra={"batch.item_id": item_id})
-            return
-        progress = None
-        if work is None:
-            metrics.ITEMS_PROCESSED.labels(outcome="skipped").inc()
-        else:
-            last_attempt = message.delivery_count >= self._delivery_limit or work.attempts > self._delivery_limit
-            try:
-                outcome = self._run(work, last_attempt=last_attempt)
-            except Exception:
-                metrics.ITEMS_PROCESSED.labels(outcome="retried").inc()
-                raise
-            progress = self._write(
-                lambda connection: batches.record_result(
-                    connection,
-                    item_id=item_id,
-                    succeeded=outcome.succeeded,
-                    status_code=outcome.status_code,
-                    request_id=outcome.request_id,
-                    body=outcome.body,
-                    error=outcome.error,
+        """Run the group's items that are neither finished nor cancelled, in one llm request, and write their results
+        in one statement; raise to have the message redelivered when some failed transiently (the redelivery runs
+        only those: the others are finished)."""
+        item_ids = _item_ids(message.data)
+        works = self._write(lambda connection: batches.claim_items(connection, item_ids=item_ids))
+        touched = {work.batch_id for work in works}
+        claimed = {work.item_id for work in works}
+        for item_id in item_ids:
+            if item_id in claimed:
+                continue
+            # Nothing to run: unknown, finished, or cancelled (then skipped) — start_item sorts it out.
+            batch_id, work = self._transaction(
+                lambda session, item_id=item_id: batches.start_item(session, item_id=item_id)
+            )
+            if batch_id is None:
+                log.warning("batch item not found; dropping it", extra={"batch.item_id": item_id})
+                continue
+            touched.add(batch_id)
+            if work is None:
+                metrics.ITEMS_PROCESSED.labels(outcome="skipped").inc()
+            else:
+                works.append(work)
+        results: list[batches.ItemResult] = []
+        retry: Exception | None = None
+        for work, outcome in self._run(works):
+            if isinstance(outcome, Exception):
+                last = message.delivery_count >= self._delivery_limit or work.attempts > self._delivery_limit
+                if not last:
+                    retry = outcome
+                    metrics.ITEMS_PROCESSED.labels(outcome="retried").inc()
+                    continue
+                log.warning(
+                    "batch item failed on its last attempt",
+                    extra={
+                        "batch.id": work.batch_id,
+                        "batch.item_id": work.item_id,
+                        "error.type": type(outcome).__name__,
+                    },
+                )
+                outcome = _last_outcome(outcome)
+            results.append(
+                batches.ItemResult(
+                    work.item_id,
+                    outcome.succeeded,
+                    outcome.status_code,
+                    outcome.request_id,
+                    outcome.body,
+                    outcome.error,
                 )
             )
-            if progress is not None:
-                metrics.ITEMS_PROCESSED.labels(outcome="succeeded" if outcome.succeeded else "failed").inc()
-        if self._on_item_done is not None:
-            self._on_item_done()
-        # Also for a redelivered, already finished item: its first worker may have died before finalising.
-        self.finish(batch_id, progress)
+        recorded = self._write(lambda connection: batches.record_results(connection, results)) if results else []
+        progress_of: dict[str, batches.Progress] = {}
+        for entry in recorded:
+            metrics.ITEMS_PROCESSED.labels(outcome="succeeded").inc(entry.completed)
+            metrics.ITEMS_PROCESSED.labels(outcome="failed").inc(entry.failed)
+            progress_of[entry.progress.batch_id] = entry.progress
+        self._items_done(len(item_ids) - len(works) + len(results))
+        # Also for redelivered, already finished items: their first worker may have died before finalising.
+        for batch_id in touched:
+            self.finish(batch_id, progress_of.get(batch_id))
+        if retry is not None:
+            raise retry
 
     def finish(self, batch_id: str, progress: batches.Progress | None = None) -> str | None:
-        """Log progress and end the batch if no item is left (its own transaction, after the result's commit).
+        """Log progress and end the batch if no item is left (its own transaction, after the results' commit).
 
-        `progress` is what writing this item's result returned; without it (a redelivery, a skip) it is read.
+        `progress` is what writing this message's results returned; without it (a redelivery, a skip) it is read.
         """
         if progress is None:
             progress = self._transaction(lambda session: batches.progress(session, batch_id=batch_id))
@@ -135,33 +163,42 @@ class ItemProcessor:
         return final
 
     def handle_dead(self, message: Message) -> None:
-        """An item RabbitMQ dead-lettered after the delivery limit (its workers kept dying or failing): record it
-        failed, so it reaches the error file and its batch can end."""
-        item_id = message.data.get("item_id")
-        if not isinstance(item_id, str):
-            log.error("dead-lettered message without an item_id; dropped", extra={"message.id": message.id})
+        """Items RabbitMQ dead-lettered after the delivery limit (their workers kept dying or failing): record the
+        unfinished ones failed, so they reach the error file and their batches can end."""
+        try:
+            item_ids = _item_ids(message.data)
+        except Reject:
+            log.error("dead-lettered message without item ids; dropped", extra={"message.id": message.id})
             return
         error = {
             "code": "delivery_limit_exceeded",
             "message": f"The request was abandoned after {self._delivery_limit} delivery attempts.",
         }
 
-        def record(session: Any) -> tuple[str | None, batches.Progress | None]:
-            batch_id = batches.item_batch_id(session, item_id=item_id)
-            if batch_id is None:
-                return None, None
-            return batch_id, batches.record_result(session, item_id=item_id, succeeded=False, error=error)
+        def record(session: Any) -> tuple[set[str], list[batches.Recorded]]:
+            batch_ids = {batches.item_batch_id(session, item_id=item_id) for item_id in item_ids} - {None}
+            results = [batches.ItemResult(item_id, False, error=error) for item_id in item_ids]
+            return batch_ids, batches.record_results(session, results)  # type: ignore[return-value]
 
-        batch_id, progress = self._transaction(record)
-        if batch_id is None:
-            log.warning("dead-lettered item not found; dropped", extra={"batch.item_id": item_id})
+        batch_ids, recorded = self._transaction(record)
+        if not batch_ids:
+            log.warning("dead-lettered items not found; dropped", extra={"batch.item_id": item_ids[0]})
             return
-        if progress is not None:
-            metrics.ITEMS_PROCESSED.labels(outcome="dead_lettered").inc()
-            log.error("batch item dead-lettered", extra={"batch.id": batch_id, "batch.item_id": item_id})
+        progress_of = {}
+        for entry in recorded:
+            metrics.ITEMS_PROCESSED.labels(outcome="dead_lettered").inc(entry.failed)
+            progress_of[entry.progress.batch_id] = entry.progress
+            log.error(
+                "batch items dead-lettered", extra={"batch.id": entry.progress.batch_id, "batch.items": entry.failed}
+            )
+        self._items_done(len(item_ids))
+        for batch_id in batch_ids:
+            self.finish(batch_id, progress_of.get(batch_id))
+
+    def _items_done(self, count: int) -> None:
         if self._on_item_done is not None:
-            self._on_item_done()
-        self.finish(batch_id, progress)
+            for _ in range(count):
+                self._on_item_done()
 
     def _write(self, statement: Callable[[Connection], T]) -> T:
         """Run a statement that is safe to repeat (`parley_kit.db.run_statement`: autocommit on PostgreSQL, retried
@@ -178,47 +215,74 @@ class ItemProcessor:
 
         return retry_lost_connection(run)
 
-    def _run(self, work: batches.ItemWork, *, last_attempt: bool) -> Outcome:
-        """Call llm; a transient failure raises unless this is the last delivery, which records it as failed."""
-        try:
-            return self._call(work)
-        except ActAsRefused as exc:
-            return Outcome(False, error={"code": "owner_unauthorized", "message": str(exc)})
-        except ParleyError as exc:  # llm answered 5xx (the answer is the line), or llm/auth unreachable
-            if not last_attempt:
-                raise
-            log.warning(
-                "batch item failed on its last attempt",
-                extra={"batch.id": work.batch_id, "batch.item_id": work.item_id, "error.type": type(exc).__name__},
-            )
-            if isinstance(exc, _ServerError):
-                return exc.outcome
-            return Outcome(False, error={"code": exc.code, "message": exc.detail})
+    def _run(self, works: list[batches.ItemWork]) -> list[tuple[batches.ItemWork, Outcome | Exception]]:
+        """Each item's outcome, or the transient failure that left it to a redelivery: one llm request per owner's
+        key (a group is one batch's, so one request)."""
+        by_caller: dict[tuple[str, str | None], list[batches.ItemWork]] = {}
+        for work in works:
+            by_caller.setdefault((work.owner, work.key_id), []).append(work)
+        done: list[tuple[batches.ItemWork, Outcome | Exception]] = []
+        for (owner, key_id), group in by_caller.items():
+            try:
+                outcomes: list[Outcome | Exception] = list(self._call(owner, key_id, group))
+            except ActAsRefused as exc:
+                outcomes = [Outcome(False, error={"code": "owner_unauthorized", "message": str(exc)})] * len(group)
+            except ParleyError as exc:  # llm answered 5xx, or llm/auth unreachable: every item of the request
+                outcomes = [exc] * len(group)
+            done += zip(group, outcomes, strict=True)
+        return done
 
-    def _call(self, work: batches.ItemWork) -> Outcome:
-        token = self._tokens.for_user(work.owner, work.key_id)
+    def _call(self, owner: str, key_id: str | None, works: list[batches.ItemWork]) -> list[Outcome | Exception]:
+        """One llm request for the items: each call's outcome, or a `_ServerError` for a call answered 5xx."""
+        token = self._tokens.for_user(owner, key_id)
+        calls = [
+            # llm charges an item once, however often it is redelivered (a worker died after the call).
+            {"path": work.endpoint, "body": work.body, "idempotency_key": work.item_id}
+            for work in works
+        ]
         response = self._llm.request(
             "POST",
-            work.endpoint,
-            json=work.body,
-            # llm charges one item once, however often it is redelivered (a worker died after the call).
-            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": work.item_id},
+            GROUP_PATH,
+            json={"calls": calls},
+            headers={"Authorization": f"Bearer {token}"},
             timeout=self._timeout,
         )
         body = _decode(response.data)
-        outcome = Outcome(
-            response.status < 400,
-            status_code=response.status,
-            request_id=response.headers.get("x-request-id"),
-            body=body,
-        )
         if response.status == 401:
             # The act-as token was refused (expired or revoked keys): fetch a fresh one on the next delivery.
-            self._tokens.forget(work.owner, work.key_id)
-            raise _ServerError(outcome)
-        if response.status >= 500:
-            raise _ServerError(outcome)
-        return outcome
+            self._tokens.forget(owner, key_id)
+        if response.status == 401 or response.status >= 500:
+            raise _ServerError(Outcome(False, status_code=response.status, body=body))
+        if response.status != 200:  # llm refused the whole request (it will again): the answer is each item's line
+            return [Outcome(False, status_code=response.status, body=body)] * len(works)
+        try:
+            answers = [(answer["status_code"], answer["request_id"], answer["body"]) for answer in body["data"]]
+        except (KeyError, TypeError) as exc:
+            raise UpstreamError("the llm service answered a group of calls with a malformed body") from exc
+        if len(answers) != len(works):
+            raise UpstreamError("the llm service answered a group of calls with a malformed body")
+        outcomes: list[Outcome | Exception] = []
+        for status, request_id, answer in answers:
+            outcome = Outcome(status < 400, status_code=status, request_id=request_id, body=answer)
+            outcomes.append(_ServerError(outcome) if status >= 500 else outcome)
+        return outcomes
+
+
+def _item_ids(data: dict[str, Any]) -> list[str]:
+    """The item ids a message carries: `item_ids` (a group), or an older relay's single `item_id`."""
+    item_ids = data.get("item_ids", [data.get("item_id")])
+    if not isinstance(item_ids, list) or not item_ids or not all(isinstance(item_id, str) for item_id in item_ids):
+        raise Reject("batch message without item ids")
+    return item_ids
+
+
+def _last_outcome(error: Exception) -> Outcome:
+    """What a transient failure leaves on an item's last attempt: llm's answer (the line), or the error."""
+    if isinstance(error, _ServerError):
+        return error.outcome
+    if isinstance(error, ParleyError):
+        return Outcome(False, error={"code": error.code, "message": error.detail})
+    return Outcome(False, error={"code": "internal_error", "message": "The request could not be run."})
 
 
 class _ServerError(UpstreamError):
@@ -277,6 +341,7 @@ def run_worker(settings: JobsSettings) -> None:
         interval=settings.relay_interval,
         idle_interval=settings.relay_idle_interval,
         window=settings.schedule_window,
+        group=settings.item_group,
         stats=QueueStats(settings.amqp_url, {"items": settings.items_queue, "dead": settings.dead_queue}),
         stats_interval=settings.stats_interval,
     )

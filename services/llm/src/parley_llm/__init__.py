@@ -14,6 +14,7 @@ from parley_kit.health import Health
 from parley_kit.tokens import TokenVerifier
 
 from .catalog import load_catalog
+from .groups import register_group_route
 from .ledger_views import register_ledger_routes
 from .plain import PlainCalls
 from .relay import Ledger
@@ -33,6 +34,7 @@ def create_app(settings: LlmSettings | None = None) -> OpenAPI:
     app.extensions["parley_llm"] = state
     register_routes(app, state)
     register_ledger_routes(app, state)
+    register_group_route(app, state)
     register_health(health, state)
     app.wsgi_app = PlainCalls(app.wsgi_app, state)  # type: ignore[method-assign]
     atexit.register(state.close)

@@ -127,6 +127,33 @@ def release(session: Executor, *, user_id: str, key: str) -> None:
     session.execute(_RELEASE, {"p_user": user_id, "p_key": key})
 
 
+def claim_many(session: Executor, *, user_id: str, fingerprints: dict[str, str]) -> set[str]:
+    """Claim several keys for their requests (key → fingerprint) in one multi-row INSERT; the keys claimed (the
+    others are held or finished by someone: `claim_or_replay` sorts each out)."""
+    now = utcnow()
+    rows = [{"p_user": user_id, "p_key": key, "p_hash": hash_, "p_now": now} for key, hash_ in fingerprints.items()]
+    return set(session.execute(_CLAIM[_dialect(session)], rows).scalars())
+
+
+def settle_many(db: Database, *, user_id: str, answers: dict[str, bytes | None]) -> None:
+    """`settle_claim` for several keys (key → the 200 answer, or None to release), one statement per kind."""
+    kept = [
+        {"p_user": user_id, "p_key": key, "p_status": 200, "p_body": body}
+        for key, body in answers.items()
+        if body is not None
+    ]
+    released = [{"p_user": user_id, "p_key": key} for key, body in answers.items() if body is None]
+
+    def write(connection: Connection) -> None:
+        if kept:
+            connection.execute(_STORE, kept)
+        if released:
+            connection.execute(_RELEASE, released)
+
+    if kept or released:
+        finish_claim(db, write)
+
+
 def finish_claim(db: Database, write: Callable[[Connection], None]) -> None:
     """Store or release a claim, retried on a fresh connection when the database drops one (both writes are
     idempotent). Left pending otherwise (logged): a duplicate then waits, and the claim is taken over once stale —

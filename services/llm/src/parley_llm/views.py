@@ -274,7 +274,7 @@ def register_routes(app: OpenAPI, state: LlmState) -> None:
             ctx,
             record,
             path=MESSAGES.upstream_path,
-            content=_passed_on(ctx.deployment, raw, request.get_data()),
+            content=passed_on(ctx.deployment, raw, request.get_data()),
             settle=state.ledger.settle,
             headers=_beta_headers(request.headers.get("anthropic-beta")),
         )
@@ -357,7 +357,7 @@ def plain_call(
         state.router,
         ctx,
         path=route.upstream_path,
-        content=_passed_on(ctx.deployment, raw, data),
+        content=passed_on(ctx.deployment, raw, data),
         settle=settle,
         headers=_beta_headers(beta),
     )
@@ -384,7 +384,7 @@ def context(
     )
 
 
-def _passed_on(deployment: Deployment, raw: dict[str, Any], data: bytes) -> bytes:
+def passed_on(deployment: Deployment, raw: dict[str, Any], data: bytes) -> bytes:
     """The body for the provider: the client's bytes as sent, or re-encoded with the public model name replaced by
     the provider's."""
     return (
