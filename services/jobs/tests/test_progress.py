@@ -271,9 +271,9 @@ class Recorder:
     def __init__(self) -> None:
         self.published: list[str] = []
 
-    def publish(self, _exchange: str, _queue: str, _type: str, data: dict[str, list[str]], **_kwargs: Any) -> str:
-        self.published += data["item_ids"]
-        return data["item_ids"][0]
+    def publish(self, _exchange: str, _queue: str, _type: str, data: dict[str, str], **_kwargs: Any) -> str:
+        self.published.append(data["item_id"])
+        return data["item_id"]
 
     def close(self) -> None:
         pass

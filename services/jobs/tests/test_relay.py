@@ -15,6 +15,7 @@ from parley_jobs import batches, outbox
 from parley_jobs.models import BatchItem, OutboxEvent
 from parley_jobs.relay import Relay, next_wait, queue_declarer
 from parley_jobs.settings import JobsSettings
+from parley_jobs.worker import message_item_ids
 from parley_kit.amqp import Publisher, PublishFailed
 from parley_kit.db import Database, utcnow
 
@@ -83,6 +84,18 @@ def test_the_relay_publishes_every_pending_item_in_groups(
         assert event.published_at is not None
 
 
+def test_with_groups_of_one_the_relay_sends_the_single_item_message_every_worker_reads(
+    relay: Relay, settings: JobsSettings, db: Database, make_batch: Callable, amqp_url: str
+) -> None:
+    """`JOBS_ITEM_GROUP=1` (a rolling upgrade from workers that predate groups): `batch.item`, one `item_id` each."""
+    batch = make_batch(2)
+    assert relay.run_once() == (1, 2)
+    messages = drain(amqp_url, settings)
+    assert [(envelope["type"], envelope["data"]) for _, envelope in messages] == [
+        ("batch.item", {"item_id": item_id}) for item_id in item_ids(db, batch["id"])
+    ]
+
+
 class ClaimingPublisher(Publisher):
     """Publishes, then has a worker claim the item at once on another connection (as a fast worker does while the
     pass is still publishing the rest), with a lock timeout instead of waiting for the pass's transaction."""
@@ -96,10 +109,10 @@ class ClaimingPublisher(Publisher):
         published = super().publish(exchange, routing_key, event_type, data, **kwargs)
         with self.db.engine.connect() as connection:
             connection.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
-            works = batches.claim_items(connection, item_ids=data["item_ids"])
+            works = batches.claim_items(connection, item_ids=message_item_ids(data))
             connection.commit()
-        assert [work.item_id for work in works] == data["item_ids"]
-        self.claimed += data["item_ids"]
+        assert [work.item_id for work in works] == message_item_ids(data)
+        self.claimed += message_item_ids(data)
         return published
 
 
@@ -162,13 +175,8 @@ def test_a_pass_failing_mid_publish_stamps_nothing_and_the_next_pass_publishes_t
         assert Relay(db, publisher, queue=settings.items_queue, interval=0.05).run_once() == (1, 2)
     finally:
         publisher.close()
-    published = [envelope["data"]["item_ids"] for _, envelope in drain(amqp_url, settings)]
-    assert published == [
-        [items[0]],
-        [items[1]],
-        [items[1]],
-        [items[2]],
-    ]  # the failed pass's two, then the next pass's two
+    published = [envelope["data"]["item_id"] for _, envelope in drain(amqp_url, settings)]
+    assert published == [items[0], items[1], *items[1:]]  # the failed pass's two, then the next pass's two
     assert queued_at_by_item(db, batch["id"]) == [False, True, True]
 
 

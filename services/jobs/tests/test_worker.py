@@ -201,7 +201,10 @@ def real_llm(
     postgres: Any, real_auth: RealAuth, fake_provider: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """llm as the platform runs it; its url."""
-    process, url = start_llm(postgres, real_auth, fake_provider, tmp_path_factory.mktemp("llm"))
+    # A duplicate waits 1 s (not 60) for a key another request holds, then answers 409 in use.
+    process, url = start_llm(
+        postgres, real_auth, fake_provider, tmp_path_factory.mktemp("llm"), LLM_IDEMPOTENCY_WAIT="1"
+    )
     yield url
     process.stop()
 
@@ -234,6 +237,19 @@ def message(*item_ids: str, delivery_count: int = 0) -> Message:
     )
 
 
+def single_item_message(item_id: str) -> Message:
+    """A `batch.item` message: one item, the shape every worker version reads."""
+    return Message(
+        id=item_id,
+        type="batch.item",
+        occurred_at="",
+        traceparent=None,
+        data={"item_id": item_id},
+        delivery_count=0,
+        redelivered=False,
+    )
+
+
 def new_batch(client: FlaskClient, upload: Callable, auth: Callable, texts: list[str], user: str) -> str:
     file_id = upload(jsonl([chat_line(f"req-{i}", t) for i, t in enumerate(texts, 1)]), user=user).json["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
@@ -260,7 +276,7 @@ def test_items_run_as_the_owner_and_the_batch_completes(
     ok, refused = items(db, batch_id)
     processor.handle(message(ok.id))
     assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "in_progress"
-    processor.handle(message(refused.id))
+    processor.handle(single_item_message(refused.id))  # as a relay at JOBS_ITEM_GROUP=1 sends it
 
     ok, refused = items(db, batch_id)
     assert ok.status == "succeeded" and ok.response_status == 200 and ok.attempts == 1
@@ -329,19 +345,62 @@ def test_a_group_llm_answered_before_its_worker_died_is_not_charged_again(
     llm's stored answers (keyed by item id), and the provider is not called again."""
     batch_id = new_batch(client, upload, auth, ["one", "two"], alice)
     works = items(db, batch_id)
-    token = ActingTokens(
-        ServiceTokenSource(ServiceClient(real_auth.url, name="auth"), client_id="jobs", client_secret=CLIENT_SECRET)
-    ).for_user(alice, None)
     calls = [{"path": "/v1/chat/completions", "body": item.body, "idempotency_key": item.id} for item in works]
-    first = requests.post(
-        f"{real_llm}/internal/calls", json={"calls": calls}, headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
+    headers = {"Authorization": f"Bearer {acting_token(real_auth, alice)}"}
+    first = requests.post(f"{real_llm}/internal/calls", json={"calls": calls}, headers=headers, timeout=10)
     assert first.status_code == 200, first.text
     before = upstream_calls(fake_provider)
     processor.handle(message(*(item.id for item in works), delivery_count=1))
     assert upstream_calls(fake_provider) == before
     assert [item.response_body for item in items(db, batch_id)] == [answer["body"] for answer in first.json()["data"]]
     assert client.get(f"/v1/batches/{batch_id}", headers=auth(alice)).json["status"] == "completed"
+
+
+def acting_token(real_auth: RealAuth, user: str) -> str:
+    """The act-as token the worker gets for `user`."""
+    source = ServiceTokenSource(
+        ServiceClient(real_auth.url, name="auth"), client_id="jobs", client_secret=CLIENT_SECRET
+    )
+    return ActingTokens(source).for_user(user, None)
+
+
+def test_an_item_an_earlier_deliverys_request_still_runs_is_retried_then_replayed(
+    processor: ItemProcessor,
+    db: Database,
+    client: FlaskClient,
+    upload: Callable,
+    auth: Callable,
+    alice: str,
+    real_llm: str,
+    real_auth: RealAuth,
+    fake_provider: str,
+) -> None:
+    """The first delivery's worker died (or timed out) while llm ran its slow call: the redelivery finds the key held,
+    which is no answer for the item (it stays pending, the message is redelivered); once the call ends, its stored
+    answer is the item's, charged once."""
+    batch_id = new_batch(client, upload, auth, ["slow #fake:latency_ms=4000"], alice)
+    (item,) = items(db, batch_id)
+    calls = [{"path": "/v1/chat/completions", "body": item.body, "idempotency_key": item.id}]
+    headers = {"Authorization": f"Bearer {acting_token(real_auth, alice)}"}
+    first: list[requests.Response] = []
+    running = threading.Thread(
+        target=lambda: first.append(
+            requests.post(f"{real_llm}/internal/calls", json={"calls": calls}, headers=headers, timeout=30)
+        )
+    )
+    before = upstream_calls(fake_provider)
+    running.start()
+    deadline = time.monotonic() + 10
+    while upstream_calls(fake_provider) == before and time.monotonic() < deadline:  # the first request holds the key
+        time.sleep(0.05)
+    with pytest.raises(UpstreamError):
+        processor.handle(message(item.id, delivery_count=1))
+    assert items(db, batch_id)[0].status == "pending"
+    running.join(30)
+    processor.handle(message(item.id, delivery_count=2))
+    (item,) = items(db, batch_id)
+    assert item.status == "succeeded" and item.response_body == first[0].json()["data"][0]["body"]
+    assert upstream_calls(fake_provider) - before == 1
 
 
 def test_a_group_is_one_llm_request_keyed_by_item_ids_with_the_owners_token(

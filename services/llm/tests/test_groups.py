@@ -64,16 +64,18 @@ def test_a_failing_call_fails_alone_in_its_routes_shape(app, make_client, token_
             call({"model": "claude-haiku-4-5", "messages": []}, path="/v1/messages"),
             call(message, key="k-message", path="/v1/messages"),
             call({**chat(), "stream": True}, key="k-stream"),
+            call({**chat(), "stream": "false"}, key="k-stream-text"),  # invalid, as on /v1 (not a stream)
         ]
     }
     answers = client.post(CALLS, json=group).json["data"]
-    assert [a["status_code"] for a in answers] == [200, 403, 404, 409, 400, 400, 200, 400]
+    assert [a["status_code"] for a in answers] == [200, 403, 404, 409, 400, 400, 200, 400, 400]
     assert answers[1]["body"]["error"]["code"] == "model_not_allowed"
     assert answers[2]["body"]["error"]["code"] == "model_not_found"
     assert answers[3]["body"]["error"]["code"] == "idempotency_key_reused"
     assert answers[5]["body"]["type"] == "error"  # Anthropic's shape on /v1/messages
     assert answers[6]["body"]["type"] == "message"
     assert answers[7]["body"]["error"]["param"] == "stream"
+    assert "cannot stream" not in answers[8]["body"]["error"]["message"]
     # charged: the first call, "fine", the message; the provider's 400 is a row with nothing charged
     assert sorted(r["status"] for r in rows()) == ["error", "ok", "ok", "ok"]
 
@@ -99,6 +101,7 @@ def test_a_chat_call_to_a_model_of_the_other_family_is_translated(acting, rows) 
         {"calls": [call(chat(), key="k" * 256)]},
         {"calls": [{**call(chat()), "extra": 1}]},
         {"calls": [call(chat())], "stream": True},
+        {"calls": [call(chat("one"), key="same"), call(chat("two"), key="same")]},  # would run, and charge, twice
     ],
 )
 def test_a_malformed_group_is_400_and_runs_nothing(acting, rows, group: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
@@ -110,6 +113,7 @@ def test_a_malformed_group_is_400_and_runs_nothing(acting, rows, group: dict[str
 def test_only_a_service_acting_for_a_user_may_send_a_group(app, make_client, token_mint, user, rows) -> None:  # type: ignore[no-untyped-def]
     group = {"calls": [call(chat())]}
     assert make_client(app, None).post(CALLS, json=group).status_code == 401
+    assert make_client(app, None).post(CALLS, json={"calls": "x" * 10_000}).status_code == 401  # before validation
     own = make_client(app, token_mint.mint(user)).post(CALLS, json=group)
     assert own.status_code == 403 and own.json["code"] == "actor_required"
     service = make_client(app, token_mint.mint("jobs", roles=("service",))).post(CALLS, json=group)

@@ -58,8 +58,8 @@ def test_errors_are_documented_in_each_routes_shape(platform: RunningPlatform, s
 
 
 def test_gateway_publishes_only_what_it_routes(platform: RunningPlatform) -> None:
-    """The internal auth routes answer 404 at the edge, so the gateway's view leaves them out; the rest is there,
-    with the edge's own 429 on the rate-limited inference routes."""
+    """The internal auth and llm routes answer 404 at the edge, so the gateway's view leaves them out; the rest is
+    there, with the edge's own 429 on the rate-limited inference routes."""
     direct = fetch(f"{platform.url('auth')}/openapi/openapi.json")
     published = fetch(f"{platform.gateway}/docs/auth.json")
     hidden = {"/auth/internal/key-exchange", "/auth/internal/act-as", "/auth/service-token"}
@@ -68,6 +68,9 @@ def test_gateway_publishes_only_what_it_routes(platform: RunningPlatform) -> Non
     for path in hidden:
         assert requests.post(f"{platform.gateway}{path}", json={}, timeout=10).status_code == 404
     llm = fetch(f"{platform.gateway}/docs/llm.json")
+    assert "/internal/calls" in fetch(f"{platform.url('llm')}/openapi/openapi.json")["paths"]
+    assert "/internal/calls" not in llm["paths"]  # the batch worker's route: llm's own, 404 at the edge
+    assert requests.post(f"{platform.gateway}/internal/calls", json={}, timeout=10).status_code == 404
     assert "429" in llm["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "429" not in llm["paths"]["/v1/models"]["get"]["responses"]
     assert error_contract_problems(llm) == []

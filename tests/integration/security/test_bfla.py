@@ -42,6 +42,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/auth/invites"): ADMIN,
     ("POST", "/auth/invites"): ADMIN,
     ("DELETE", "/auth/invites/{invite_id}"): ADMIN,
+    ("POST", "/internal/calls"): SERVICE,  # llm's groups of calls, for a service acting for a user (the jobs worker)
     ("POST", "/v1/chat/completions"): USER,
     ("POST", "/v1/embeddings"): USER,
     ("POST", "/v1/messages"): USER,

@@ -67,6 +67,11 @@ def map_concurrently(work: Callable[[T], R], items: Sequence[T]) -> list[R]:
     if under_gevent():
         from gevent.pool import Group
 
-        return list(Group().imap(work, items))
+        group = Group()
+        try:
+            return list(group.imap(work, items))
+        except BaseException:  # the caller is being killed: so is its work
+            group.kill()
+            raise
     with ThreadPoolExecutor(len(items)) as pool:
         return list(pool.map(work, items))

@@ -3,7 +3,8 @@
 Each pass, in one transaction: drain the outbox (a `batch.created` event wakes the scheduler up, it carries no work
 itself), pick the items to queue (`batches.schedule`: per owner a bounded window of queued-but-unfinished items, topped
 up as they finish, owners interleaved), publish them with confirms, a `batch.items` message per group of up to
-`group` items of one batch (a worker runs a group in one llm request), and only then stamp them
+`group` items of one batch (a worker runs a group in one llm request; `batch.item` when `group` is 1), and only then
+stamp them
 queued and commit (on PostgreSQL the item rows are locked only for that last step: a worker handed an item while the
 pass still publishes claims it without waiting; on SQLite the pass holds the database's write lock). A crash before the
 commit means the next pass publishes again (workers are idempotent); a batch whose commit happened is always found by
@@ -38,6 +39,7 @@ from .settings import JobsSettings
 log = logging.getLogger(__name__)
 
 ITEMS_MESSAGE = "batch.items"
+ITEM_MESSAGE = "batch.item"  # one item, as workers before groups read it: what the relay sends with `group` 1
 EVENTS_PER_PASS = 1000
 
 
@@ -166,7 +168,8 @@ class Relay:
             try:
                 for group in groups:
                     tracing.start(trace_of.get(group[0]))  # the items run in the trace of the request that made them
-                    self._publisher.publish("", self._queue, ITEMS_MESSAGE, {"item_ids": group}, message_id=group[0])
+                    kind, data = (ITEMS_MESSAGE, {"item_ids": group}) if self._group > 1 else _single(group)
+                    self._publisher.publish("", self._queue, kind, data, message_id=group[0])
             finally:
                 tracing.clear()
             batches.mark_queued(session, item_ids, now=utcnow())
@@ -235,3 +238,10 @@ class Relay:
         """Finish the current pass and return."""
         self._stop.set()
         self._wake.set()
+
+
+def _single(group: list[str]) -> tuple[str, dict[str, str]]:
+    """A one-item group as a `batch.item` message, which workers of every version read (a rolling upgrade runs with
+    `JOBS_ITEM_GROUP=1` until no worker predates groups)."""
+    (item_id,) = group
+    return ITEM_MESSAGE, {"item_id": item_id}

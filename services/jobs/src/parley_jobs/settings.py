@@ -42,7 +42,9 @@ class JobsSettings(ServiceSettings):
     # A failed item waits this x 2^(redeliveries so far) seconds (at most 10) before RabbitMQ redelivers it: with the
     # default limit of 5 deliveries, ~15 s of a database or llm outage is ridden out before an item fails.
     retry_backoff: float = Field(0.5, ge=0)
-    item_timeout: float = Field(600.0, gt=0)
+    # How long the worker waits for llm's answers to a group: past llm's own limit for a call (LLM_TOTAL_TIMEOUT, 600 s)
+    # plus its wait for a key an earlier delivery still holds (LLM_IDEMPOTENCY_WAIT, 60 s), so llm answers first.
+    item_timeout: float = Field(720.0, gt=0)
     # The "24h" completion window, shortened in tests; the worker's sweep expires batches that outlive it.
     completion_window_seconds: float = Field(86_400.0, gt=0)
     # Items one owner may have queued but unfinished; the relay tops the window up as they finish (fairness).

@@ -79,7 +79,7 @@ class ItemProcessor:
         """Run the group's items that are neither finished nor cancelled, in one llm request, and write their results
         in one statement; raise to have the message redelivered when some failed transiently (the redelivery runs
         only those: the others are finished)."""
-        item_ids = _item_ids(message.data)
+        item_ids = message_item_ids(message.data)
         works = self._write(lambda connection: batches.claim_items(connection, item_ids=item_ids))
         touched = {work.batch_id for work in works}
         claimed = {work.item_id for work in works}
@@ -101,7 +101,7 @@ class ItemProcessor:
         results: list[batches.ItemResult] = []
         retry: Exception | None = None
         for work, outcome in self._run(works):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, ParleyError):
                 last = message.delivery_count >= self._delivery_limit or work.attempts > self._delivery_limit
                 if not last:
                     retry = outcome
@@ -166,7 +166,7 @@ class ItemProcessor:
         """Items RabbitMQ dead-lettered after the delivery limit (their workers kept dying or failing): record the
         unfinished ones failed, so they reach the error file and their batches can end."""
         try:
-            item_ids = _item_ids(message.data)
+            item_ids = message_item_ids(message.data)
         except Reject:
             log.error("dead-lettered message without item ids; dropped", extra={"message.id": message.id})
             return
@@ -215,24 +215,24 @@ class ItemProcessor:
 
         return retry_lost_connection(run)
 
-    def _run(self, works: list[batches.ItemWork]) -> list[tuple[batches.ItemWork, Outcome | Exception]]:
+    def _run(self, works: list[batches.ItemWork]) -> list[tuple[batches.ItemWork, Outcome | ParleyError]]:
         """Each item's outcome, or the transient failure that left it to a redelivery: one llm request per owner's
         key (a group is one batch's, so one request)."""
         by_caller: dict[tuple[str, str | None], list[batches.ItemWork]] = {}
         for work in works:
             by_caller.setdefault((work.owner, work.key_id), []).append(work)
-        done: list[tuple[batches.ItemWork, Outcome | Exception]] = []
+        done: list[tuple[batches.ItemWork, Outcome | ParleyError]] = []
         for (owner, key_id), group in by_caller.items():
             try:
-                outcomes: list[Outcome | Exception] = list(self._call(owner, key_id, group))
+                outcomes: list[Outcome | ParleyError] = list(self._call(owner, key_id, group))
             except ActAsRefused as exc:
                 outcomes = [Outcome(False, error={"code": "owner_unauthorized", "message": str(exc)})] * len(group)
-            except ParleyError as exc:  # llm answered 5xx, or llm/auth unreachable: every item of the request
+            except ParleyError as exc:  # no answers (llm's non-200, llm or auth unreachable): every item retried
                 outcomes = [exc] * len(group)
             done += zip(group, outcomes, strict=True)
         return done
 
-    def _call(self, owner: str, key_id: str | None, works: list[batches.ItemWork]) -> list[Outcome | Exception]:
+    def _call(self, owner: str, key_id: str | None, works: list[batches.ItemWork]) -> list[Outcome | ParleyError]:
         """One llm request for the items: each call's outcome, or a `_ServerError` for a call answered 5xx."""
         token = self._tokens.for_user(owner, key_id)
         calls = [
@@ -251,38 +251,43 @@ class ItemProcessor:
         if response.status == 401:
             # The act-as token was refused (expired or revoked keys): fetch a fresh one on the next delivery.
             self._tokens.forget(owner, key_id)
-        if response.status == 401 or response.status >= 500:
+        if response.status != 200:
+            # Not the items' answers (a refused token, an llm restarting or not yet upgraded): retried; on the last
+            # attempt this answer is each item's line.
             raise _ServerError(Outcome(False, status_code=response.status, body=body))
-        if response.status != 200:  # llm refused the whole request (it will again): the answer is each item's line
-            return [Outcome(False, status_code=response.status, body=body)] * len(works)
         try:
             answers = [(answer["status_code"], answer["request_id"], answer["body"]) for answer in body["data"]]
         except (KeyError, TypeError) as exc:
             raise UpstreamError("the llm service answered a group of calls with a malformed body") from exc
         if len(answers) != len(works):
             raise UpstreamError("the llm service answered a group of calls with a malformed body")
-        outcomes: list[Outcome | Exception] = []
+        outcomes: list[Outcome | ParleyError] = []
         for status, request_id, answer in answers:
             outcome = Outcome(status < 400, status_code=status, request_id=request_id, body=answer)
-            outcomes.append(_ServerError(outcome) if status >= 500 else outcome)
+            outcomes.append(_ServerError(outcome) if status >= 500 or _key_in_use(answer) else outcome)
         return outcomes
 
 
-def _item_ids(data: dict[str, Any]) -> list[str]:
-    """The item ids a message carries: `item_ids` (a group), or an older relay's single `item_id`."""
+def message_item_ids(data: dict[str, Any]) -> list[str]:
+    """The distinct item ids a message carries: `item_ids` (a group), or a single `item_id` (`batch.item`)."""
     item_ids = data.get("item_ids", [data.get("item_id")])
     if not isinstance(item_ids, list) or not item_ids or not all(isinstance(item_id, str) for item_id in item_ids):
         raise Reject("batch message without item ids")
-    return item_ids
+    return list(dict.fromkeys(item_ids))
 
 
-def _last_outcome(error: Exception) -> Outcome:
+def _key_in_use(answer: Any) -> bool:
+    """llm's 409 for a key an earlier delivery's request still holds (that worker died or timed out while llm ran
+    the call): not the item's answer, which that request stores; a later delivery replays it."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return isinstance(error, dict) and error.get("code") == "idempotency_key_in_use"
+
+
+def _last_outcome(error: ParleyError) -> Outcome:
     """What a transient failure leaves on an item's last attempt: llm's answer (the line), or the error."""
     if isinstance(error, _ServerError):
         return error.outcome
-    if isinstance(error, ParleyError):
-        return Outcome(False, error={"code": error.code, "message": error.detail})
-    return Outcome(False, error={"code": "internal_error", "message": "The request could not be run."})
+    return Outcome(False, error={"code": error.code, "message": error.detail})
 
 
 class _ServerError(UpstreamError):

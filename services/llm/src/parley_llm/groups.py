@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from flask import Response, request
+from flask import Response, g, request
 from flask_openapi3 import APIBlueprint, OpenAPI, Tag
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from parley_kit import background, errors, tracing
 from parley_kit.db import run_statement
@@ -31,9 +32,13 @@ from parley_kit.openapi import error_responses
 from parley_kit.tokens import Identity, authenticate
 
 from . import idempotency, relay
-from .views import INFERENCE_ROUTES, LlmState, passed_on, admit, bridge_for, context
+from .views import INFERENCE_ROUTES, LlmState, admit, bridge_for, context, passed_on
 
 MAX_CALLS = 64
+# Group calls one process runs at once, whatever the number of groups: each may briefly take a database connection
+# (a budget's reservation and settlement) from a pool of 10 + 10, which the `/v1` requests need too.
+MAX_CALLS_IN_FLIGHT = 32
+_slots: threading.BoundedSemaphore | None = None
 
 
 class GroupCall(BaseModel):
@@ -52,6 +57,13 @@ class CallGroup(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     calls: list[GroupCall] = Field(min_length=1, max_length=MAX_CALLS)
+
+    @model_validator(mode="after")
+    def _keys_are_distinct(self) -> CallGroup:
+        keys = [call.idempotency_key for call in self.calls if call.idempotency_key is not None]
+        if len(keys) != len(set(keys)):
+            raise ValueError("the calls of a group must have distinct idempotency keys")
+        return self
 
 
 @dataclass(slots=True)
@@ -93,10 +105,15 @@ def run_group(state: LlmState, identity: Identity, calls: list[GroupCall]) -> by
     def run(call: Admitted | Answer) -> Answer:
         if isinstance(call, Answer):
             return call
-        with tracing.use(_call_trace(trace, call.ctx.request_id)):
+        with _call_slots(), tracing.use(_call_trace(trace, call.ctx.request_id)):
             return _run(state, identity, call)
 
-    answers = background.map_concurrently(run, admitted)
+    try:
+        answers = background.map_concurrently(run, admitted)
+    except BaseException:  # killed (a worker's graceful timeout): the held keys are released, as a lone call's are
+        held = {c.key: None for c in admitted if isinstance(c, Admitted) and c.key is not None and c.holds_key}
+        idempotency.settle_many(state.db, user_id=identity.subject, answers=held)
+        raise
     settled = {
         call.key: answer.body if answer.kept else None
         for call, answer in zip(admitted, answers, strict=True)
@@ -119,12 +136,12 @@ def _admit(state: LlmState, identity: Identity, call: GroupCall) -> Admitted | A
     request_id = _new_request_id()
     raw = call.body
     try:
-        if raw.get("stream"):
-            raise BadRequest("a call in a group cannot stream", code="invalid_request", param="stream")
         try:
             route.body.model_validate(raw)
         except ValidationError as exc:
             raise errors.validation_error(exc) from None
+        if raw.get("stream"):
+            raise BadRequest("a call in a group cannot stream", code="invalid_request", param="stream")
         deployment = admit(state.catalog, route, identity, raw)
         ctx = context(identity, deployment, route, raw, started=time.perf_counter(), request_id=request_id)
         bridge = bridge_for(route, deployment)
@@ -137,6 +154,8 @@ def _admit(state: LlmState, identity: Identity, call: GroupCall) -> Admitted | A
         return Admitted(ctx, call.path, route.upstream_path, content, key, fingerprint)
     except ParleyError as exc:
         return _error(call.path, request_id, exc)
+    except Exception as exc:  # noqa: BLE001 - a bug of ours fails this call only (from_unexpected logs it)
+        return _error(call.path, request_id, errors.from_unexpected(exc, call.path))
 
 
 def _claim(state: LlmState, identity: Identity, fingerprints: dict[str, str]) -> set[str]:
@@ -188,6 +207,14 @@ def _error(path: str, request_id: str, error: ParleyError) -> Answer:
     return Answer(error.status, request_id, body)
 
 
+def _call_slots() -> threading.BoundedSemaphore:
+    """The process's slots for group calls in flight (made on first use: after gevent patched `threading`)."""
+    global _slots  # one per process
+    if _slots is None:
+        _slots = threading.BoundedSemaphore(MAX_CALLS_IN_FLIGHT)
+    return _slots
+
+
 def _new_request_id() -> str:
     """Each call of a group has its own request id (the batch's output lines quote it)."""
     return f"req_{os.urandom(12).hex()}"
@@ -220,12 +247,15 @@ def register_group_route(app: OpenAPI, state: LlmState) -> None:
         "llm-internal", __name__, url_prefix="/internal", abp_tags=[Tag(name="internal")], abp_security=[{"bearer": []}]
     )
 
+    @bp.before_request
+    def _authenticate() -> None:  # before the body is read and validated, as on `/v1`
+        g.identity = authenticate(request, state.verifier)
+        if g.identity.actor is None:
+            raise Forbidden("only a service acting for a user may send a group of calls", code="actor_required")
+
     @bp.post("/calls", responses={200: GroupAnswers, **error_responses(400, 401, 403)})
     def calls(body: CallGroup) -> Response:
         """Run a group of non-streamed calls for the token's user; each is answered, charged and keyed on its own."""
-        identity = authenticate(request, state.verifier)
-        if identity.actor is None:
-            raise Forbidden("only a service acting for a user may send a group of calls", code="actor_required")
-        return Response(run_group(state, identity, body.calls), mimetype="application/json")
+        return Response(run_group(state, g.identity, body.calls), mimetype="application/json")
 
     app.register_api(bp)
