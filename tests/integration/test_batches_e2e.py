@@ -158,7 +158,8 @@ def test_a_small_batch_is_not_starved_by_a_large_one(platform: RunningPlatform) 
     """Owner A's large batch is created first; owner B's ten lines still finish while A's is far from done."""
     large_owner, small_owner = platform.new_client(), platform.new_client()
     large_sdk, small_sdk = sdk_for(platform, large_owner), sdk_for(platform, small_owner)
-    large_lines = [chat_line(f"big-{n}", f"Large {n} #fake:latency_ms=40") for n in range(400)]
+    # One second a line: a window of 64 (four groups of 16, each as slow as its slowest line) is ~64 lines a second.
+    large_lines = [chat_line(f"big-{n}", f"Large {n} #fake:latency_ms=1000") for n in range(400)]
     large = large_sdk.batches.create(
         input_file_id=upload(large_sdk, large_lines), endpoint="/v1/chat/completions", completion_window="24h"
     )

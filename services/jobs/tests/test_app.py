@@ -57,7 +57,7 @@ def test_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert (settings.max_file_bytes, settings.max_lines) == (200 * 1024 * 1024, 50_000)
     assert (settings.worker_prefetch, settings.relay_interval, settings.delivery_limit) == (8, 0.2, 5)
     assert settings.relay_idle_interval == 1.0
-    assert settings.item_timeout == 600
+    assert settings.item_timeout == 720
     assert settings.items_queue == "parley.jobs.items" and settings.dead_letter_exchange == "parley.jobs.dlx"
 
 
