@@ -124,13 +124,13 @@ def test_identity_headers_never_reach_the_upstream(
 ) -> None:
     """Client-sent identity headers are stripped; the upstream gets the bearer token and trace headers."""
     token = token_mint.mint("user-1")
-    client = openai.OpenAI(
+    with openai.OpenAI(  # closed here: one left to the garbage collector fails whichever test then runs
         base_url=f"{gateway_process}/v1",
         api_key=token,
         max_retries=0,
         default_headers={"x-user-id": "admin", "x-api-key": "sk-pl-forged", "x-parley-user": "admin"},
-    )
-    client.chat.completions.create(model="gpt-4o-mini", messages=say("who am i"))
+    ) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=say("who am i"))
     seen = fake_stats()["last_request_headers"]
     assert not {"x-user-id", "x-api-key", "x-parley-user"} & set(seen)
     assert seen["authorization"] == f"Bearer {token}"
@@ -143,8 +143,8 @@ def test_anthropic_client_with_x_api_key(
 ) -> None:
     """An Anthropic SDK client (credential in x-api-key) gets a message; upstream sees a bearer token instead."""
     token = token_mint.mint("user-2")
-    client = anthropic.Anthropic(base_url=gateway_process, api_key=token, max_retries=0, timeout=30)
-    message = client.messages.create(model="claude-haiku-4-5", max_tokens=32, messages=say("hi"))
+    with anthropic.Anthropic(base_url=gateway_process, api_key=token, max_retries=0, timeout=30) as client:
+        message = client.messages.create(model="claude-haiku-4-5", max_tokens=32, messages=say("hi"))
     assert message.content[0].text
     seen = fake_stats()["last_request_headers"]
     assert "x-api-key" not in seen
@@ -153,10 +153,18 @@ def test_anthropic_client_with_x_api_key(
 
 @pytest.mark.parametrize(
     "path",
-    ["/nothing", "/v1/unknown", "/v1/chat/completionsX", "/auth/internal/key-exchange", "/auth/service-token"],
+    [
+        "/nothing",
+        "/v1/unknown",
+        "/v1/chat/completionsX",
+        "/auth/internal/key-exchange",
+        "/auth/service-token",
+        "/internal/calls",
+    ],
 )
 def test_unknown_and_hidden_routes_are_404(gateway_process: str, path: str) -> None:
-    """Anything the gateway does not route, including auth's internal endpoints, does not exist at the edge."""
+    """Anything the gateway does not route, including auth's and llm's internal endpoints, does not exist at the
+    edge."""
     response = urllib3.request("POST", f"{gateway_process}{path}", body=b"{}", timeout=5)
     assert response.status == 404
 

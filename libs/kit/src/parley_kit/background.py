@@ -6,6 +6,9 @@ call's usage row was ~0.9 ms of each request's latency (bench/README.md, session
 at once (each may hold a database connection): past that, the caller waits for a free slot, as it waited for the
 work itself before. Without gevent (threaded workers, tests) the work runs inline. A worker that exits first waits for
 what is still running (`drain`, from the kit's gunicorn `worker_exit` hook), so a restart does not lose a charge.
+
+`map_concurrently` is the other use of the same choice: I/O-bound pieces of one request at once (llm's group of
+calls), as greenlets under gevent, as threads otherwise.
 """
 
 from __future__ import annotations
