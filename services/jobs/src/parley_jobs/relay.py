@@ -4,12 +4,11 @@ Each pass, in one transaction: drain the outbox (a `batch.created` event wakes t
 itself), pick the items to queue (`batches.schedule`: per owner a bounded window of queued-but-unfinished items, topped
 up as they finish, owners interleaved), publish them with confirms, a `batch.items` message per group of up to
 `group` items of one batch (a worker runs a group in one llm request; `batch.item` when `group` is 1), and only then
-stamp them
-queued and commit (on PostgreSQL the item rows are locked only for that last step: a worker handed an item while the
-pass still publishes claims it without waiting; on SQLite the pass holds the database's write lock). A crash before the
-commit means the next pass publishes again (workers are idempotent); a batch whose commit happened is always found by
-the next pass, whichever process runs it, since the scheduler reads the items, not the messages. The same thread expires
-batches past their completion window and refreshes the worker's gauges.
+stamp them queued and commit (on PostgreSQL the item rows are locked only for that last step: a worker handed an item
+while the pass still publishes claims it without waiting; on SQLite the pass holds the database's write lock). A crash
+before the commit means the next pass publishes again (workers are idempotent); a batch whose commit happened is always
+found by the next pass, whichever process runs it, since the scheduler reads the items, not the messages. The same
+thread expires batches past their completion window and refreshes the worker's gauges.
 
 A pass runs every `interval`, and sooner once this process's workers have finished a quarter of a window's items:
 waiting out the interval would leave the windows, and so the workers, empty between passes. Every pass tops up all
