@@ -504,10 +504,9 @@ def record_result(
 
 
 @dataclass(frozen=True, slots=True)
-class ItemResult:
-    """An item's outcome, to write once (`record_results`)."""
+class Outcome:
+    """What happened to one item: its result, written once (`record_results`)."""
 
-    item_id: str
     succeeded: bool
     status_code: int | None = None
     request_id: str | None = None
@@ -525,39 +524,41 @@ class Recorded:
     failed: int
 
 
-def record_results(session: Executor, results: list[ItemResult]) -> list[Recorded]:
-    """`record_result` for a group: each item's outcome written once, and counted in its batch's progress.
+def record_results(session: Executor, results: list[tuple[str, Outcome]]) -> list[Recorded]:
+    """`record_result` for a group of (item id, outcome): each item's outcome written once, and counted in its batch's
+    progress.
 
     On PostgreSQL one statement whatever the group's size (autocommit-safe); elsewhere two per item, so run it in a
     transaction there.
     """
     if _dialect(session) != "postgresql":
-        counted: dict[str, list[Any]] = {}
-        for result in results:
+        recorded: dict[str, Recorded] = {}
+        for item_id, outcome in results:
             progress = record_result(
                 session,
-                item_id=result.item_id,
-                succeeded=result.succeeded,
-                status_code=result.status_code,
-                request_id=result.request_id,
-                body=result.body,
-                error=result.error,
+                item_id=item_id,
+                succeeded=outcome.succeeded,
+                status_code=outcome.status_code,
+                request_id=outcome.request_id,
+                body=outcome.body,
+                error=outcome.error,
             )
             if progress is not None:
-                entry = counted.setdefault(progress.batch_id, [progress, 0, 0])
-                entry[0] = progress
-                entry[1 if result.succeeded else 2] += 1
-        return [Recorded(progress, completed, failed) for progress, completed, failed in counted.values()]
+                counted = recorded.get(progress.batch_id, Recorded(progress, 0, 0))
+                recorded[progress.batch_id] = Recorded(
+                    progress, counted.completed + outcome.succeeded, counted.failed + (not outcome.succeeded)
+                )
+        return list(recorded.values())
     rows = [
         {
-            "id": result.item_id,
-            "status": ItemStatus.SUCCEEDED if result.succeeded else ItemStatus.FAILED,
-            "response_status": result.status_code,
-            "request_id": result.request_id,
-            "response_body": result.body,
-            "error": result.error,
+            "id": item_id,
+            "status": ItemStatus.SUCCEEDED if outcome.succeeded else ItemStatus.FAILED,
+            "response_status": outcome.status_code,
+            "request_id": outcome.request_id,
+            "response_body": outcome.body,
+            "error": outcome.error,
         }
-        for result in results
+        for item_id, outcome in results
     ]
     return [
         Recorded(Progress(batch_id, finished, total), completed, counted - completed)

@@ -143,11 +143,11 @@ class Relay:
         self._done_since_pass = 0
         self._done_lock = threading.Lock()
 
-    def item_done(self) -> None:
-        """A worker of this process finished an item (its window has room): enough of them bring the next pass
-        forward."""
+    def item_done(self, count: int = 1) -> None:
+        """A worker of this process finished `count` items (their window has room): enough of them bring the next
+        pass forward."""
         with self._done_lock:
-            self._done_since_pass += 1
+            self._done_since_pass += count
             if self._done_since_pass < self._wake_after:
                 return
             self._done_since_pass = 0

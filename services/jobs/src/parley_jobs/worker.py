@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from parley_kit.http import ServiceClient
 from parley_kit.service_auth import ServiceTokenSource
 
 from . import batches, metrics, open_database
+from .batches import Outcome
 from .credentials import ActAsRefused, ActingTokens
 from .relay import QueueStats, Relay, dead_queue_declarer, queue_declarer
 from .settings import JobsSettings
@@ -41,17 +41,6 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 GROUP_PATH = "/internal/calls"  # llm's route for a group of calls made for one user
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one item."""
-
-    succeeded: bool
-    status_code: int | None = None
-    request_id: str | None = None
-    body: Any = None
-    error: dict[str, Any] | None = None
 
 
 class ItemProcessor:
@@ -66,7 +55,7 @@ class ItemProcessor:
         *,
         delivery_limit: int,
         item_timeout: float,
-        on_item_done: Callable[[], None] | None = None,
+        on_item_done: Callable[[int], None] | None = None,
     ) -> None:
         self._db = db
         self._llm = llm
@@ -98,7 +87,7 @@ class ItemProcessor:
                 metrics.ITEMS_PROCESSED.labels(outcome="skipped").inc()
             else:
                 works.append(work)
-        results: list[batches.ItemResult] = []
+        results: list[tuple[str, Outcome]] = []
         retry: Exception | None = None
         for work, outcome in self._run(works):
             if isinstance(outcome, ParleyError):
@@ -116,16 +105,7 @@ class ItemProcessor:
                     },
                 )
                 outcome = _last_outcome(outcome)
-            results.append(
-                batches.ItemResult(
-                    work.item_id,
-                    outcome.succeeded,
-                    outcome.status_code,
-                    outcome.request_id,
-                    outcome.body,
-                    outcome.error,
-                )
-            )
+            results.append((work.item_id, outcome))
         recorded = self._write(lambda connection: batches.record_results(connection, results)) if results else []
         progress_of: dict[str, batches.Progress] = {}
         for entry in recorded:
@@ -177,7 +157,7 @@ class ItemProcessor:
 
         def record(session: Any) -> tuple[set[str], list[batches.Recorded]]:
             batch_ids = {batches.item_batch_id(session, item_id=item_id) for item_id in item_ids} - {None}
-            results = [batches.ItemResult(item_id, False, error=error) for item_id in item_ids]
+            results = [(item_id, Outcome(False, error=error)) for item_id in item_ids]
             return batch_ids, batches.record_results(session, results)  # type: ignore[return-value]
 
         batch_ids, recorded = self._transaction(record)
@@ -197,8 +177,7 @@ class ItemProcessor:
 
     def _items_done(self, count: int) -> None:
         if self._on_item_done is not None:
-            for _ in range(count):
-                self._on_item_done()
+            self._on_item_done(count)
 
     def _write(self, statement: Callable[[Connection], T]) -> T:
         """Run a statement that is safe to repeat (`parley_kit.db.run_statement`: autocommit on PostgreSQL, retried
@@ -307,9 +286,9 @@ def _decode(data: bytes) -> Any:
 
 
 def build_processor(
-    settings: JobsSettings, db: Database, *, on_item_done: Callable[[], None] | None = None
+    settings: JobsSettings, db: Database, *, on_item_done: Callable[[int], None] | None = None
 ) -> ItemProcessor:
-    """An ItemProcessor wired to llm and auth from the settings; `on_item_done` is told each time an item ends."""
+    """An ItemProcessor wired to llm and auth from the settings; `on_item_done` hears how many items a message ended."""
     llm = ServiceClient(
         settings.llm_url, name="llm", read_timeout=settings.item_timeout, max_connections=settings.worker_prefetch
     )
