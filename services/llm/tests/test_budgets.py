@@ -221,3 +221,47 @@ def test_a_usage_write_that_loses_its_connection_is_retried(postgres) -> None:  
         assert (rows, reserved) == (1, 0) and spent > 0
     finally:
         db.dispose()
+
+
+def test_many_usage_rows_are_written_in_one_statement_each_call_once(ledger_db: Database) -> None:
+    """The group commit's write: every row with its exact values (PostgreSQL through one JSON parameter), a call
+    whose row is already there, or repeated in the batch, written once."""
+    from sqlalchemy import text
+
+    from parley_llm import service
+    from parley_llm.catalog import load_catalog
+
+    deployment = load_catalog(MIGRATIONS_DIR.parent / "models.yaml").get("gpt-4o-mini")
+    created = datetime(2026, 11, 22, 7, 30, 1, 123456, tzinfo=UTC)
+
+    def row(n: int, key_id: str | None) -> dict[str, Any]:
+        cost = Decimal("0.000012345") * n
+        return service.usage_row(
+            call_id=f"call_{n}", request_id=f"req_{n}", user_id="many", key_id=key_id, operation="chat",
+            deployment=deployment, input_tokens=n, output_tokens=2 * n, cost_usd=cost, latency_ms=n,
+            status="ok" if n % 2 else "error", price_version="v-test",
+        ) | {"created_at": created + timedelta(seconds=n)}  # fmt: skip
+
+    with ledger_db.engine.begin() as connection:
+        service.record_usages(connection, [row(1, "key_1")])
+    batch = [row(n, None if n % 3 else f"key_{n}") for n in range(1, 301)]
+    with ledger_db.engine.begin() as connection:
+        service.record_usages(connection, [*batch, batch[5]])  # call_1 is there already; call_6 twice
+    with ledger_db.engine.connect() as connection:
+        stored = connection.execute(
+            text(
+                "SELECT call_id, request_id, user_id, key_id, operation, model, provider, upstream_model, input_tokens,"
+                " output_tokens, cost_usd, latency_ms, status, price_version, created_at FROM usage_records"
+                " WHERE user_id = 'many' ORDER BY input_tokens"
+            )
+        ).all()
+    assert len(stored) == 300
+    first = row(1, "key_1")
+    for got, want in zip(stored, [first, *batch[1:]], strict=True):
+        values = dict(got._mapping)
+        created_at = values.pop("created_at")
+        if isinstance(created_at, str):  # SQLite through a text query: the stored text, UTC
+            created_at = datetime.fromisoformat(created_at).replace(tzinfo=UTC)
+        assert created_at == want["created_at"]
+        assert Decimal(str(values.pop("cost_usd"))) == want["cost_usd"]
+        assert values == {k: v for k, v in want.items() if k not in ("created_at", "cost_usd")}

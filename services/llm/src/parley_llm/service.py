@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Date, cast, func, select
+from sqlalchemy import JSON, Connection, Date, bindparam, cast, column, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -16,12 +16,27 @@ from .catalog import Deployment
 from .models import UsageRecord, usage_records
 
 # INSERT … ON CONFLICT (call_id) DO NOTHING, per dialect: a retried settlement writes its row once. With RETURNING
-# for a lone row (did it write?); without, for many (SQLAlchemy sends them as one multi-row INSERT).
+# for a lone row (did it write?); without, for many on SQLite (an executemany).
 _INSERT_MANY_ONCE = {
     dialect: module.insert(usage_records).on_conflict_do_nothing(index_elements=["call_id"])
     for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _INSERT_ONCE = {dialect: insert.returning(usage_records.c.id) for dialect, insert in _INSERT_MANY_ONCE.items()}
+# Many rows on PostgreSQL: one statement over one JSON parameter, one round trip whatever the count. psycopg's
+# executemany pipelines a Bind/Execute per row and waits on the socket many times a batch: in a saturated gevent
+# worker each wait is a turn behind every busy connection, and a caller helping a lagging writer (batching.py) was
+# held for seconds (bench/README.md, session 13).
+_USAGE_COLUMNS = [c for c in usage_records.c if not c.primary_key]
+_ROWS = (
+    func.json_to_recordset(bindparam("p_rows", type_=JSON()))
+    .table_valued(*(column(c.name, c.type) for c in _USAGE_COLUMNS))
+    .render_derived(name="rows", with_types=True)
+)
+_INSERT_ROWS_ONCE = (
+    postgresql.insert(usage_records)
+    .from_select([c.name for c in _USAGE_COLUMNS], select(*_ROWS.c))
+    .on_conflict_do_nothing(index_elements=["call_id"])
+)
 
 
 def price(deployment: Deployment, *, input_tokens: int, output_tokens: int) -> Decimal:
@@ -71,9 +86,13 @@ def record_usage(connection: Connection, row: dict[str, Any]) -> bool:
 
 
 def record_usages(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """Write many calls' usage rows in one round trip (psycopg pipelines the executemany); a row whose call is
+    """Write many calls' usage rows in one statement (PostgreSQL) or one executemany (SQLite); a row whose call is
     already there is skipped."""
-    connection.execute(_INSERT_MANY_ONCE[connection.dialect.name], rows)
+    if connection.dialect.name != "postgresql":
+        connection.execute(_INSERT_MANY_ONCE[connection.dialect.name], rows)
+        return
+    as_json = [{**row, "cost_usd": str(row["cost_usd"]), "created_at": row["created_at"].isoformat()} for row in rows]
+    connection.execute(_INSERT_ROWS_ONCE, {"p_rows": as_json})
 
 
 def usage_by_day(
