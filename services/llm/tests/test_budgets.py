@@ -226,7 +226,7 @@ def test_a_usage_write_that_loses_its_connection_is_retried(postgres) -> None:  
 def test_many_usage_rows_are_written_in_one_statement_each_call_once(ledger_db: Database) -> None:
     """The group commit's write: every row with its exact values (PostgreSQL through one JSON parameter), a call
     whose row is already there, or repeated in the batch, written once."""
-    from sqlalchemy import text
+    from sqlalchemy import event, text
 
     from parley_llm import service
     from parley_llm.catalog import load_catalog
@@ -245,8 +245,13 @@ def test_many_usage_rows_are_written_in_one_statement_each_call_once(ledger_db: 
     with ledger_db.engine.begin() as connection:
         service.record_usages(connection, [row(1, "key_1")])
     batch = [row(n, None if n % 3 else f"key_{n}") for n in range(1, 301)]
+    statements: list[bool] = []  # executemany or not, per statement sent
+    listen = event.listens_for(ledger_db.engine, "before_cursor_execute")
+    listen(lambda _conn, _cursor, _sql, _params, _context, executemany: statements.append(executemany))
     with ledger_db.engine.begin() as connection:
         service.record_usages(connection, [*batch, batch[5]])  # call_1 is there already; call_6 twice
+    if ledger_db.engine.dialect.name == "postgresql":  # one statement, not a pipeline of a Bind/Execute per row
+        assert statements == [False]
     with ledger_db.engine.connect() as connection:
         stored = connection.execute(
             text(
