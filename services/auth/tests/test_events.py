@@ -139,7 +139,26 @@ def test_patch_publishes_user_disabled_once_and_re_enable_publishes_nothing(
     message = next_message(channel, queue)
     assert message["type"] == "user.disabled" and message["data"] == {"user_id": user_id}
     assert events_client.patch(path, json={"disabled": True}, headers=headers).status_code == 200  # already disabled
-    assert events_client.patch(path, json={"disabled": False, "role": "admin"}, headers=headers).status_code == 200
+    assert events_client.patch(path, json={"disabled": False, "role": "member"}, headers=headers).status_code == 200
+    no_message(channel, queue)  # re-enabled, and the role it had
+
+
+def test_a_role_change_is_published_once(events_client: FlaskClient, events_queue: Any) -> None:
+    """Tokens carry the role: a promotion or a demotion tells the gateways (they refuse older tokens); setting the
+    role a user already has does not."""
+    channel, queue = events_queue
+    with events_client.application.extensions["parley_auth"].db.transaction() as session:
+        service.create_user(session, email="events-role-admin@example.com", password=PASSWORD, role="admin")
+    login = {"email": "events-role-admin@example.com", "password": PASSWORD}
+    admin_token = events_client.post("/auth/token", json=login).json["access_token"]
+    user_id, _ = register(events_client, "events-role@example.com")
+    path, headers = f"/auth/users/{user_id}", auth(admin_token)
+
+    for role in ("admin", "member"):
+        assert events_client.patch(path, json={"role": role}, headers=headers).status_code == 200
+        message = next_message(channel, queue)
+        assert message["type"] == "user.role_changed" and message["data"] == {"user_id": user_id}
+    assert events_client.patch(path, json={"role": "member"}, headers=headers).status_code == 200
     no_message(channel, queue)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 
@@ -265,6 +266,23 @@ def test_events_drop_cached_tokens() -> None:
     assert cache.get(first) is None and cache.get(second) == "token-1"
     apply_event(message("password.changed", user_id="u1"), keys=cache, users=users)
     assert len(cache) == 0
+    cache, _ = cache_with()
+    apply_event(message("user.role_changed", user_id="u1"), keys=cache, users=users)
+    assert len(cache) == 0  # a key's cached token carries the old role
+
+
+def test_a_role_change_refuses_the_users_tokens_of_its_own_second(token_mint: TokenMint) -> None:
+    """A token issued just before a demotion, in the same second, still carries the old role: refused like older ones;
+    one from the next second (a refresh, with the new role) is not."""
+    at = time.time() - 10
+    users = UserRevocations()
+    occurred = dt.datetime.fromtimestamp(at, dt.UTC).isoformat()
+    changed = Message("m", "user.role_changed", occurred, None, {"user_id": "u1"}, 0, False)
+    apply_event(changed, keys=KeyCache(ttl=300, refresh_margin=30), users=users)
+    assert users.refuses("u1", token_mint.mint("u1", iat=int(at)))
+    assert users.refuses("u1", token_mint.mint("u1", iat=int(at) - 1))
+    assert not users.refuses("u1", token_mint.mint("u1", iat=int(at) + 1))
+    assert not users.refuses("u2", token_mint.mint("u2", iat=int(at)))
 
 
 def test_user_revocation_refuses_older_jwts(token_mint: TokenMint) -> None:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 KEY_REVOKED = "key.revoked"
 USER_DISABLED = "user.disabled"
 PASSWORD_CHANGED = "password.changed"  # noqa: S105 - an event name
+ROLE_CHANGED = "user.role_changed"
 
 
 class IdentityEvents:

@@ -198,10 +198,19 @@ def list_users(session: Session) -> list[User]:
     return list(session.scalars(select(User).order_by(User.created_at, User.id)))
 
 
+@dataclass(frozen=True)
+class UserChange:
+    """What an admin's update changed: the gateways are told of a disable and of a role change."""
+
+    user: User
+    disabled: bool  # this call disabled the user
+    role_changed: bool
+
+
 def update_user(
     session: Session, *, user_id: str, acting_admin_id: str, role: str | None, disabled: bool | None
-) -> tuple[User, bool]:
-    """Set a user's role and/or disabled flag; returns the user and whether this call disabled them.
+) -> UserChange:
+    """Set a user's role and/or disabled flag.
 
     Disabling ends every session of the user; enabling again does not bring those sessions back (the revoked
     refresh tokens stay revoked: the user logs in anew). An admin cannot demote or disable themselves, so the
@@ -210,7 +219,8 @@ def update_user(
     user = session.get(User, user_id)
     if user is None:
         raise NotFound("no such user", code="user_not_found")
-    if user_id == acting_admin_id and (disabled or (role is not None and role != user.role)):
+    role_changed = role is not None and role != user.role
+    if user_id == acting_admin_id and (disabled or role_changed):
         raise BadRequest("admins cannot disable or demote themselves", param="user_id")
     if role is not None:
         user.role = role
@@ -219,12 +229,12 @@ def update_user(
         user.disabled = disabled
     if newly_disabled:
         _revoke_user_sessions(session, user_id)
-    return user, newly_disabled
+    return UserChange(user, newly_disabled, role_changed)
 
 
 def disable_user(session: Session, *, user_id: str, acting_admin_id: str) -> bool:
     """Disable a user and end their sessions; True when this call disabled them (False if already disabled)."""
-    return update_user(session, user_id=user_id, acting_admin_id=acting_admin_id, role=None, disabled=True)[1]
+    return update_user(session, user_id=user_id, acting_admin_id=acting_admin_id, role=None, disabled=True).disabled
 
 
 # ----- invites ----------------------------------------------------------------------------------------------------

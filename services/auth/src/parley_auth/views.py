@@ -12,7 +12,7 @@ from parley_kit.openapi import error_responses
 
 from . import service, throttle
 from .context import auth_context, caller, interactive_caller
-from .events import KEY_REVOKED, PASSWORD_CHANGED, USER_DISABLED
+from .events import KEY_REVOKED, PASSWORD_CHANGED, ROLE_CHANGED, USER_DISABLED
 from .schemas import (
     ActAsBody,
     ActAsOut,
@@ -286,17 +286,20 @@ def list_users() -> Response:
 
 @admin.patch("/<user_id>", responses={200: AdminUserOut})
 def update_user(path: UserPath, body: UserUpdateBody) -> Response:
-    """Set a user's role and/or disable or re-enable them (admins only); disabling ends their sessions."""
+    """Set a user's role and/or disable or re-enable them (admins only); disabling ends their sessions, and a new
+    role ends the user's tokens issued before it at the gateways (they carry the old role)."""
     identity = interactive_caller()
     ctx = auth_context()
     with ctx.db.transaction() as session:
         _require_admin(service.user_for(session, identity).role)
-        user, newly_disabled = service.update_user(
+        change = service.update_user(
             session, user_id=path.user_id, acting_admin_id=identity.subject, role=body.role, disabled=body.disabled
         )
-        out = AdminUserOut.model_validate(user, from_attributes=True)
-    if newly_disabled:
+        out = AdminUserOut.model_validate(change.user, from_attributes=True)
+    if change.disabled:
         ctx.events.publish(USER_DISABLED, {"user_id": path.user_id})
+    if change.role_changed:  # tokens carry the role: the gateways refuse those issued before the change
+        ctx.events.publish(ROLE_CHANGED, {"user_id": path.user_id})
     return model_response(out)
 
 

@@ -296,7 +296,8 @@ class KeyExchanger:
 
 
 class UserRevocations:
-    """Users disabled or whose password changed: their JWTs issued before that moment are refused at the edge."""
+    """Users disabled, or whose password or role changed: their JWTs issued before that moment are refused at the
+    edge."""
 
     def __init__(self, memory: float = USER_REVOCATION_MEMORY) -> None:
         self._memory = memory

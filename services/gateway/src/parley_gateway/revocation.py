@@ -14,7 +14,10 @@ from .credentials import KeyCache, UserRevocations
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = ("key.revoked", "user.disabled", "password.changed")
+EVENT_TYPES = ("key.revoked", "user.disabled", "password.changed", "user.role_changed")
+# After these, a token from the event's own second is refused too: the user cannot get a new token (disabled), or
+# one issued just before the change carries the old role. A password change leaves that second to the new login.
+_WHOLE_SECOND = frozenset({"user.disabled", "user.role_changed"})
 
 
 def apply_event(message: Message, *, keys: KeyCache, users: UserRevocations) -> None:
@@ -24,13 +27,11 @@ def apply_event(message: Message, *, keys: KeyCache, users: UserRevocations) -> 
     if message.type == "key.revoked":
         key_id = data.get("key_id")
         dropped = keys.drop_key(str(key_id)) if key_id is not None else 0
-    elif message.type in ("user.disabled", "password.changed"):
+    elif message.type in ("user.disabled", "password.changed", "user.role_changed"):
         if user_id is None:
             return
-        dropped = keys.drop_user(str(user_id))
-        # A disabled user can get no new token, so even one issued in the second of the event is refused; after a
-        # password change the user logs in again at once, so only tokens from earlier seconds are.
-        users.revoke(str(user_id), _epoch(message.occurred_at), whole_second=message.type == "user.disabled")
+        dropped = keys.drop_user(str(user_id))  # a key's cached token carries the user's role too
+        users.revoke(str(user_id), _epoch(message.occurred_at), whole_second=message.type in _WHOLE_SECOND)
     else:
         return
     log.info("identity event applied", extra={"event.action": message.type, "parley.dropped": dropped})
