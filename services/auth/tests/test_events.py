@@ -157,8 +157,16 @@ def test_a_role_change_is_published_once(events_client: FlaskClient, events_queu
     for role in ("admin", "member"):
         assert events_client.patch(path, json={"role": role}, headers=headers).status_code == 200
         message = next_message(channel, queue)
-        assert message["type"] == "user.role_changed" and message["data"] == {"user_id": user_id}
+        assert message["type"] == "user.role_changed" and message["data"] == {"user_id": user_id, "role": role}
     assert events_client.patch(path, json={"role": "member"}, headers=headers).status_code == 200
+    no_message(channel, queue)
+    # a disable and a new role at once: both events
+    assert events_client.patch(path, json={"disabled": True, "role": "admin"}, headers=headers).status_code == 200
+    assert [next_message(channel, queue)["type"] for _ in range(2)] == ["user.disabled", "user.role_changed"]
+    # an admin's refused self-demotion changes nothing and tells nobody
+    admin_id = events_client.get("/auth/me", headers=headers).json["id"]
+    refused = events_client.patch(f"/auth/users/{admin_id}", json={"role": "member"}, headers=headers)
+    assert refused.status_code == 400
     no_message(channel, queue)
 
 

@@ -203,7 +203,7 @@ class UserChange:
     """What an admin's update changed: the gateways are told of a disable and of a role change."""
 
     user: User
-    disabled: bool  # this call disabled the user
+    newly_disabled: bool  # this call disabled the user
     role_changed: bool
 
 
@@ -234,7 +234,9 @@ def update_user(
 
 def disable_user(session: Session, *, user_id: str, acting_admin_id: str) -> bool:
     """Disable a user and end their sessions; True when this call disabled them (False if already disabled)."""
-    return update_user(session, user_id=user_id, acting_admin_id=acting_admin_id, role=None, disabled=True).disabled
+    return update_user(
+        session, user_id=user_id, acting_admin_id=acting_admin_id, role=None, disabled=True
+    ).newly_disabled
 
 
 # ----- invites ----------------------------------------------------------------------------------------------------

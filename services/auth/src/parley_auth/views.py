@@ -287,7 +287,7 @@ def list_users() -> Response:
 @admin.patch("/<user_id>", responses={200: AdminUserOut})
 def update_user(path: UserPath, body: UserUpdateBody) -> Response:
     """Set a user's role and/or disable or re-enable them (admins only); disabling ends their sessions, and a new
-    role ends the user's tokens issued before it at the gateways (they carry the old role)."""
+    role ends the user's tokens with the old one at the gateways."""
     identity = interactive_caller()
     ctx = auth_context()
     with ctx.db.transaction() as session:
@@ -296,10 +296,10 @@ def update_user(path: UserPath, body: UserUpdateBody) -> Response:
             session, user_id=path.user_id, acting_admin_id=identity.subject, role=body.role, disabled=body.disabled
         )
         out = AdminUserOut.model_validate(change.user, from_attributes=True)
-    if change.disabled:
+    if change.newly_disabled:
         ctx.events.publish(USER_DISABLED, {"user_id": path.user_id})
-    if change.role_changed:  # tokens carry the role: the gateways refuse those issued before the change
-        ctx.events.publish(ROLE_CHANGED, {"user_id": path.user_id})
+    if change.role_changed:  # tokens carry the role: the gateways refuse those with another one
+        ctx.events.publish(ROLE_CHANGED, {"user_id": path.user_id, "role": change.user.role})
     return model_response(out)
 
 

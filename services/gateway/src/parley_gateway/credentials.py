@@ -296,33 +296,49 @@ class KeyExchanger:
 
 
 class UserRevocations:
-    """Users disabled, or whose password or role changed: their JWTs issued before that moment are refused at the
-    edge."""
+    """Users disabled or whose password changed: their JWTs issued before that moment are refused at the edge. Users
+    whose role changed: their JWTs carrying another role than the last one set are refused, whenever they were issued
+    (a login that read the user before the change may sign its token after it)."""
 
     def __init__(self, memory: float = USER_REVOCATION_MEMORY) -> None:
         self._memory = memory
         # user id -> (revoked at, epoch seconds; the last whole `iat` second refused). `iat` has one-second resolution.
         self._since: dict[str, tuple[float, int]] = {}
+        self._roles: dict[str, tuple[float, str]] = {}  # user id -> (set at, epoch seconds; the role set)
 
     def revoke(self, user_id: str, at: float | None = None, *, whole_second: bool = False) -> None:
         """Refuse this user's tokens issued before `at` (epoch seconds; now by default); `whole_second` refuses
-        those issued in the second of `at` too."""
+        those issued in the second of `at` too. An earlier cut-off (an event arriving late) never lowers a later one."""
         now = time.time()
         at = at if at is not None else now
         self._since = {u: since for u, since in self._since.items() if since[0] > now - self._memory}
-        self._since[user_id] = (at, int(at) if whole_second else int(at) - 1)
+        cut = (at, int(at) if whole_second else int(at) - 1)
+        held = self._since.get(user_id)
+        self._since[user_id] = cut if held is None else (max(held[0], cut[0]), max(held[1], cut[1]))
+
+    def set_role(self, user_id: str, role: str, at: float | None = None) -> None:
+        """Refuse this user's tokens that carry another role than `role`, set at `at` (epoch seconds; now by
+        default); a role set earlier (an event arriving late) does not replace a later one."""
+        now = time.time()
+        at = at if at is not None else now
+        self._roles = {u: held for u, held in self._roles.items() if held[0] > now - self._memory}
+        held = self._roles.get(user_id)
+        if held is None or held[0] <= at:
+            self._roles[user_id] = (at, role)
 
     def refuses(self, user_id: str, token: str) -> bool:
-        """Whether a (verified) token of this user predates a revocation."""
-        revoked = self._since.get(user_id)
-        if revoked is None:
+        """Whether a (verified) token of this user predates a revocation or carries a role since taken away."""
+        revoked, role = self._since.get(user_id), self._roles.get(user_id)
+        if revoked is None and role is None:
             return False
-        at, last_refused_second = revoked
-        if at < time.time() - self._memory:
-            self._since.pop(user_id, None)
+        forgotten = time.time() - self._memory
+        claims = jwt.decode(token, options={"verify_signature": False})
+        if role is not None and role[0] > forgotten and claims.get("roles") != [role[1]]:
+            return True
+        if revoked is None or revoked[0] < forgotten:
             return False
-        issued_at = jwt.decode(token, options={"verify_signature": False}).get("iat")
-        return not isinstance(issued_at, (int, float)) or issued_at <= last_refused_second
+        issued_at = claims.get("iat")
+        return not isinstance(issued_at, (int, float)) or issued_at <= revoked[1]
 
 
 class EdgeAuthenticator:

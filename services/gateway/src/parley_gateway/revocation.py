@@ -15,9 +15,6 @@ from .credentials import KeyCache, UserRevocations
 log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("key.revoked", "user.disabled", "password.changed", "user.role_changed")
-# After these, a token from the event's own second is refused too: the user cannot get a new token (disabled), or
-# one issued just before the change carries the old role. A password change leaves that second to the new login.
-_WHOLE_SECOND = frozenset({"user.disabled", "user.role_changed"})
 
 
 def apply_event(message: Message, *, keys: KeyCache, users: UserRevocations) -> None:
@@ -31,7 +28,14 @@ def apply_event(message: Message, *, keys: KeyCache, users: UserRevocations) -> 
         if user_id is None:
             return
         dropped = keys.drop_user(str(user_id))  # a key's cached token carries the user's role too
-        users.revoke(str(user_id), _epoch(message.occurred_at), whole_second=message.type in _WHOLE_SECOND)
+        at, role = _epoch(message.occurred_at), data.get("role")
+        if message.type == "user.role_changed" and isinstance(role, str):
+            users.set_role(str(user_id), role, at)  # tokens with any other role are refused, whenever issued
+        else:
+            # A disabled user can get no new token, so even one issued in the second of the event is refused (as for
+            # a role change without its role); after a password change the user logs in again at once, so only
+            # tokens from earlier seconds are.
+            users.revoke(str(user_id), at, whole_second=message.type != "password.changed")
     else:
         return
     log.info("identity event applied", extra={"event.action": message.type, "parley.dropped": dropped})

@@ -10,7 +10,7 @@ from sqlalchemy import JSON, Connection, Date, bindparam, cast, column, func, se
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from parley_kit.db import utcnow
+from parley_kit.db import UTCDateTime, utcnow
 
 from .catalog import Deployment
 from .models import UsageRecord, usage_records
@@ -27,6 +27,7 @@ _INSERT_ONCE = {dialect: insert.returning(usage_records.c.id) for dialect, inser
 # worker each wait is a turn behind every busy connection, and a caller helping a lagging writer (batching.py) was
 # held for seconds (bench/README.md, session 13).
 _USAGE_COLUMNS = [c for c in usage_records.c if not c.primary_key]
+_CREATED_AT = UTCDateTime()
 _ROWS = (
     func.json_to_recordset(bindparam("p_rows", type_=JSON()))
     .table_valued(*(column(c.name, c.type) for c in _USAGE_COLUMNS))
@@ -85,13 +86,20 @@ def record_usage(connection: Connection, row: dict[str, Any]) -> bool:
     return connection.execute(_INSERT_ONCE[connection.dialect.name], row).first() is not None
 
 
+def _utc_text(value: datetime) -> str:
+    """A timestamp as the JSON text of a UTC instant, refused when naive (as the column type refuses it)."""
+    bound = _CREATED_AT.process_bind_param(value, None)
+    assert bound is not None
+    return bound.isoformat()
+
+
 def record_usages(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """Write many calls' usage rows in one statement (PostgreSQL) or one executemany (SQLite); a row whose call is
     already there is skipped."""
     if connection.dialect.name != "postgresql":
         connection.execute(_INSERT_MANY_ONCE[connection.dialect.name], rows)
         return
-    as_json = [{**row, "cost_usd": str(row["cost_usd"]), "created_at": row["created_at"].isoformat()} for row in rows]
+    as_json = [{**row, "cost_usd": str(row["cost_usd"]), "created_at": _utc_text(row["created_at"])} for row in rows]
     connection.execute(_INSERT_ROWS_ONCE, {"p_rows": as_json})
 
 
